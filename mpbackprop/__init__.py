@@ -1,0 +1,32 @@
+"""mpbackprop: learning the backward pass by message passing on DGL heterographs.
+
+A target ``torch.nn.Module`` is compiled into a heterogeneous DGL graph with node types
+``neuron`` and ``param`` (:func:`compile`); the backward pass runs as message passing on
+that graph with exact, feedback-alignment or learned rules.
+"""
+
+from __future__ import annotations
+
+from . import _quiet  # noqa: F401  (sets DGLBACKEND and silences DGL's import chatter first)
+from .activations import Activation
+from .errors import GraphFileError, ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
+from .layers import Layer, ParamTensor
+from .network import CompiledNetwork, ForwardRecord, compile, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "Activation",
+    "CompiledNetwork",
+    "ForwardRecord",
+    "GraphFileError",
+    "Layer",
+    "ModelFileError",
+    "MPBackpropError",
+    "ParamTensor",
+    "ShapeError",
+    "UnsupportedOpError",
+    "compile",
+    "load",
+]

@@ -1,0 +1,573 @@
+"""Compile a ``torch.nn.Module`` into neuron blocks and weight uses (method.md §1).
+
+The module is traced with :mod:`torch.fx`, so ``nn.Sequential`` and hand-written
+``forward`` methods compile alike, in module and functional form. The walk over
+the traced graph turns every supported operation into a :class:`~mpbackprop.layers.Layer`
+plus its edges:
+
+* ``Linear`` / ``Conv2d``: one *use* ``(i, p, j)`` per multiply ``z_j += w_p·a_i``.
+  Convolution uses come from unfolding a map of input indices, so weight sharing
+  and zero padding are exact by construction.
+* ``AvgPool2d``, residual ``+``/``-``, scaling by a constant: fixed-coefficient
+  neuron→neuron edges.
+* Activations become a property of the neurons they act on; a second activation
+  on the same values (or one applied to values also used raw) gets its own block
+  joined by identity edges.
+* ``flatten``/``view``/``reshape`` are re-indexings: no neurons, only a view shape.
+
+Anything else is refused with one line that names the operation and where it is.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import Activation
+from .errors import ShapeError, UnsupportedOpError
+from .layers import Layer, ParamTensor
+
+__all__ = ["LayerEdges", "Trace", "trace_module", "SUPPORTED"]
+
+SUPPORTED = (
+    "Linear, Conv2d (groups=1, zero padding), AvgPool2d, ReLU, LeakyReLU, ELU, GELU, SiLU, Tanh, "
+    "Sigmoid, Softplus, Identity, Flatten/view/reshape, residual +/-, scaling by a constant"
+)
+
+
+@dataclass
+class LayerEdges:
+    """Edges of one block, in block-local numbering.
+
+    ``src`` indexes the concatenation of the block's input blocks (in ``Layer.inputs``
+    order), ``dst`` the block's own neurons. Weighted blocks carry ``param`` (flat index
+    into the weight tensor) for each use and optional bias edges; fixed blocks ``coef``.
+    """
+
+    src: Tensor
+    dst: Tensor
+    param: Tensor | None = None
+    coef: Tensor | None = None
+    bias_param: Tensor | None = None
+    bias_dst: Tensor | None = None
+
+
+@dataclass
+class Trace:
+    """What the compiler extracted from a module: blocks, their edges and parameter values."""
+
+    layers: list[Layer]
+    edges: list[LayerEdges | None]
+    values: Tensor  # flat parameter values in param-node order
+    input_shape: tuple[int, ...]
+    output_layer: int
+
+
+@dataclass
+class _Ref:
+    """A traced tensor value: the post-activation values of ``block`` seen in ``shape``."""
+
+    block: int
+    shape: tuple[int, ...]
+    fresh: bool  # the block's activation may still be folded in
+
+
+_MODULE_ACTS: dict[type, Callable[[nn.Module], Activation]] = {
+    nn.ReLU: lambda m: Activation("relu"),
+    nn.LeakyReLU: lambda m: Activation("leaky_relu", {"negative_slope": float(m.negative_slope)}),
+    nn.ELU: lambda m: Activation("elu", {"alpha": float(m.alpha)}),
+    nn.GELU: lambda m: Activation("gelu", {"approximate": m.approximate}),
+    nn.SiLU: lambda m: Activation("silu"),
+    nn.Tanh: lambda m: Activation("tanh"),
+    nn.Sigmoid: lambda m: Activation("sigmoid"),
+    nn.Softplus: lambda m: Activation("softplus", {"beta": float(m.beta), "threshold": float(m.threshold)}),
+}
+
+
+def _arg(node: torch.fx.Node, i: int, name: str, default: Any) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _function_act(node: torch.fx.Node) -> Activation | None:
+    t = node.target
+    if t in (F.relu, torch.relu):
+        return Activation("relu")
+    if t is F.leaky_relu:
+        return Activation("leaky_relu", {"negative_slope": float(_arg(node, 1, "negative_slope", 0.01))})
+    if t is F.elu:
+        return Activation("elu", {"alpha": float(_arg(node, 1, "alpha", 1.0))})
+    if t is F.gelu:
+        return Activation("gelu", {"approximate": node.kwargs.get("approximate", "none")})
+    if t is F.silu:
+        return Activation("silu")
+    if t in (torch.tanh, F.tanh):
+        return Activation("tanh")
+    if t in (torch.sigmoid, F.sigmoid):
+        return Activation("sigmoid")
+    if t is F.softplus:
+        return Activation(
+            "softplus",
+            {"beta": float(_arg(node, 1, "beta", 1.0)), "threshold": float(_arg(node, 2, "threshold", 20.0))},
+        )
+    return None
+
+
+_METHOD_ACTS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_RESHAPE_FUNCS = (torch.flatten, torch.reshape)
+_RESHAPE_METHODS = ("view", "reshape", "flatten", "contiguous")
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+_SUB_FUNCS = (operator.sub, operator.isub, torch.sub)
+_MUL_FUNCS = (operator.mul, operator.imul, torch.mul)
+_DIV_FUNCS = (operator.truediv, operator.itruediv, torch.div)
+
+
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx`` tracer that records source lines for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+
+def _user_frame(tb_text: str) -> str:
+    """Pick ``file:line`` of the innermost frame that is not inside torch."""
+    where = ""
+    for line in tb_text.splitlines():
+        line = line.strip()
+        if line.startswith('File "') and "/torch/" not in line and "/mpbackprop/" not in line:
+            try:
+                fname = line.split('"')[1].rsplit("/", 1)[-1]
+                lineno = line.split("line ")[1].split(",")[0]
+                where = f"{fname}:{lineno}"
+            except IndexError:  # pragma: no cover - unusual traceback text
+                continue
+    return where
+
+
+def _where(node: torch.fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        loc = f"module '{node.target}' ({type(mod).__name__})"
+    else:
+        loc = f"traced node '{node.name}'"
+    src = _user_frame(node.stack_trace or "")
+    return f"{loc} at {src}" if src else loc
+
+
+def _describe(node: torch.fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(root.get_submodule(str(node.target))).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "get_attr":
+        return f"tensor attribute '{node.target}'"
+    return node.op
+
+
+def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """Trace ``model`` with :mod:`torch.fx`, turning tracing failures into one clear line."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
+        where = _user_frame(traceback.format_exc())
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "control flow" in msg:
+            what = "data-dependent control flow"
+        else:
+            what = f"an operation torch.fx cannot trace ({type(exc).__name__}: {msg})"
+        at = f" at {where}" if where else ""
+        raise UnsupportedOpError(
+            f"cannot compile {type(model).__name__}: {what}{at}; mpbackprop needs a forward pass "
+            "without Python branching on tensor values"
+        ) from exc
+    return torch.fx.GraphModule(tracer.root, graph)
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the traced module once, storing each node's output in ``node.meta['value']``."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ShapeError(f"{_where(n, self.module)}: {msg}") from exc
+        n.meta["value"] = result
+        return result
+
+
+class _Builder:
+    def __init__(self, gm: torch.fx.GraphModule, root: nn.Module) -> None:
+        self.gm = gm
+        self.root = root
+        self.layers: list[Layer] = []
+        self.edges: list[LayerEdges | None] = []
+        self.values: list[Tensor] = []
+        self.num_neurons = 0
+        self.num_params = 0
+        self.env: dict[torch.fx.Node, Any] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def _refuse(self, node: torch.fx.Node, why: str = "") -> UnsupportedOpError:
+        what = _describe(node, self.root)
+        extra = f" ({why})" if why else ""
+        return UnsupportedOpError(
+            f"unsupported operation {what}{extra} in {_where(node, self.root)}; mpbackprop compiles {SUPPORTED}"
+        )
+
+    def _out_shape(self, node: torch.fx.Node) -> tuple[int, ...]:
+        value = node.meta.get("value")
+        if not isinstance(value, Tensor):
+            raise self._refuse(node, "does not return a tensor")
+        return tuple(value.shape[1:])
+
+    def _ref(self, node: torch.fx.Node, arg: Any) -> _Ref:
+        if isinstance(arg, torch.fx.Node) and isinstance(self.env.get(arg), _Ref):
+            return self.env[arg]
+        raise self._refuse(node, "an input is not a tensor computed from the network input")
+
+    def _new_block(
+        self,
+        node: torch.fx.Node,
+        kind: str,
+        inputs: list[_Ref],
+        edges: LayerEdges | None,
+        config: dict[str, Any],
+        module: nn.Module | None = None,
+        name: str | None = None,
+    ) -> _Ref:
+        shape = self._out_shape(node)
+        size = math.prod(shape)
+        index = len(self.layers)
+        layer = Layer(
+            index=index,
+            kind=kind,
+            name=name or node.name,
+            source=_where(node, self.root),
+            shape=shape,
+            offset=self.num_neurons,
+            size=size,
+            inputs=[r.block for r in inputs],
+            input_shapes=[r.shape for r in inputs],
+            config=config,
+        )
+        if module is not None:
+            for role in ("weight", "bias"):
+                p = getattr(module, role, None)
+                if p is None:
+                    continue
+                pt = ParamTensor(str(node.target), role, tuple(p.shape), self.num_params, role)
+                self.num_params += pt.numel
+                self.values.append(p.detach().reshape(-1))
+                setattr(layer, role, pt)
+        self.layers.append(layer)
+        self.edges.append(edges)
+        self.num_neurons += size
+        return _Ref(index, shape, fresh=kind != "input")
+
+    def _fixed(self, node: torch.fx.Node, kind: str, terms: list[tuple[_Ref, float]], config: dict) -> _Ref:
+        shape = self._out_shape(node)
+        size = math.prod(shape)
+        for ref, _ in terms:
+            if math.prod(ref.shape) != size:
+                raise self._refuse(node, f"operands of shapes {ref.shape} and {shape} need broadcasting")
+        srcs, dsts, coefs = [], [], []
+        base = 0
+        for ref, c in terms:
+            srcs.append(torch.arange(size) + base)
+            dsts.append(torch.arange(size))
+            coefs.append(torch.full((size,), float(c), dtype=torch.float64))
+            base += size
+        config = dict(config, coefs=[float(c) for _, c in terms])
+        edges = LayerEdges(torch.cat(srcs), torch.cat(dsts), coef=torch.cat(coefs))
+        return self._new_block(node, kind, [r for r, _ in terms], edges, config)
+
+    # --------------------------------------------------------------- operations
+    def _linear(self, node: torch.fx.Node, mod: nn.Linear) -> _Ref:
+        ref = self._ref(node, node.args[0])
+        if not ref.shape or ref.shape[-1] != mod.in_features:
+            raise ShapeError(
+                f"{_where(node, self.root)} expects {mod.in_features} input features, gets shape {ref.shape}"
+            )
+        n_in, n_out = mod.in_features, mod.out_features
+        rows = math.prod(ref.shape[:-1])
+        r, o, i = torch.meshgrid(torch.arange(rows), torch.arange(n_out), torch.arange(n_in), indexing="ij")
+        edges = LayerEdges(
+            src=(r * n_in + i).reshape(-1),
+            dst=(r * n_out + o).reshape(-1),
+            param=(o * n_in + i).reshape(-1),
+        )
+        if mod.bias is not None:
+            rb, ob = torch.meshgrid(torch.arange(rows), torch.arange(n_out), indexing="ij")
+            edges.bias_dst = (rb * n_out + ob).reshape(-1)
+            edges.bias_param = ob.reshape(-1)
+        return self._new_block(node, "linear", [ref], edges, {}, module=mod, name=str(node.target))
+
+    def _conv(self, node: torch.fx.Node, mod: nn.Conv2d) -> _Ref:
+        ref = self._ref(node, node.args[0])
+        if mod.groups != 1:
+            raise self._refuse(node, f"groups={mod.groups}; only groups=1")
+        if mod.padding_mode != "zeros":
+            raise self._refuse(node, f"padding_mode={mod.padding_mode!r}; only 'zeros'")
+        if len(ref.shape) != 3 or ref.shape[0] != mod.in_channels:
+            raise ShapeError(
+                f"{_where(node, self.root)} expects input of shape ({mod.in_channels}, H, W), gets {ref.shape}"
+            )
+        pad = [int(p) for p in mod._reversed_padding_repeated_twice]  # (left, right, top, bottom)
+        c_in, h, w = ref.shape
+        kh, kw = mod.kernel_size
+        idx = torch.arange(1, c_in * h * w + 1, dtype=torch.float64).reshape(1, c_in, h, w)
+        cols = F.unfold(F.pad(idx, pad), (kh, kw), dilation=mod.dilation, stride=mod.stride)[0].long()
+        rows_k, locs = cols.shape  # rows_k = c_in*kh*kw, locs = H_out*W_out
+        c_out = mod.out_channels
+        o, rk, lc = torch.meshgrid(torch.arange(c_out), torch.arange(rows_k), torch.arange(locs), indexing="ij")
+        src = cols[rk, lc]
+        keep = src > 0  # zero padding contributes nothing: no use
+        edges = LayerEdges(
+            src=(src - 1)[keep],
+            dst=(o * locs + lc)[keep],
+            param=(o * rows_k + rk)[keep],
+        )
+        if mod.bias is not None:
+            ob, lb = torch.meshgrid(torch.arange(c_out), torch.arange(locs), indexing="ij")
+            edges.bias_dst = (ob * locs + lb).reshape(-1)
+            edges.bias_param = ob.reshape(-1)
+        config = {"stride": list(mod.stride), "dilation": list(mod.dilation), "pad": pad}
+        out = self._new_block(node, "conv2d", [ref], edges, config, module=mod, name=str(node.target))
+        expect = (c_out, *_unfold_hw(h, w, pad, (kh, kw), mod.stride, mod.dilation))
+        assert self.layers[out.block].shape == expect, (self.layers[out.block].shape, expect)
+        return out
+
+    def _avgpool(self, node: torch.fx.Node, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                 count_include_pad: bool, divisor_override: Any) -> _Ref:
+        ref = self._ref(node, node.args[0])
+        if ceil_mode:
+            raise self._refuse(node, "ceil_mode=True; use ceil_mode=False")
+        if len(ref.shape) != 3:
+            raise ShapeError(f"{_where(node, self.root)} expects input of shape (C, H, W), gets {ref.shape}")
+        kh, kw = _pair(kernel)
+        sh, sw = _pair(stride if stride not in (None, []) else kernel)
+        ph, pw = _pair(padding)
+        c, h, w = ref.shape
+        idx = torch.arange(1, c * h * w + 1, dtype=torch.float64).reshape(c, 1, h, w)
+        cols = F.unfold(idx, (kh, kw), padding=(ph, pw), stride=(sh, sw)).long()  # (C, kh*kw, L)
+        _, rows_k, locs = cols.shape
+        ch, _, lc = torch.meshgrid(torch.arange(c), torch.arange(rows_k), torch.arange(locs), indexing="ij")
+        keep = cols > 0
+        if divisor_override:
+            div = torch.full(cols.shape, float(divisor_override), dtype=torch.float64)
+        elif count_include_pad:
+            div = torch.full(cols.shape, float(kh * kw), dtype=torch.float64)
+        else:
+            div = keep.sum(1, keepdim=True).to(torch.float64).expand(cols.shape)
+        edges = LayerEdges(src=(cols - 1)[keep], dst=(ch * locs + lc)[keep], coef=(1.0 / div)[keep])
+        config = {
+            "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw],
+            "count_include_pad": bool(count_include_pad), "divisor_override": divisor_override or None,
+        }
+        name = str(node.target) if node.op == "call_module" else node.name
+        return self._new_block(node, "avgpool2d", [ref], edges, config, name=name)
+
+    def _activation(self, node: torch.fx.Node, act: Activation, arg: Any) -> _Ref:
+        ref = self._ref(node, arg)
+        src_node = arg
+        layer = self.layers[ref.block]
+        if ref.fresh and layer.activation.is_identity and len(src_node.users) == 1:
+            layer.activation = act
+            return _Ref(ref.block, ref.shape, fresh=False)
+        # values already activated, or also used raw: a block of its own, joined by identity edges
+        out = self._fixed(node, "act", [(ref, 1.0)], {})
+        self.layers[out.block].activation = act
+        return _Ref(out.block, out.shape, fresh=False)
+
+    def _reshape(self, node: torch.fx.Node) -> _Ref:
+        ref = self._ref(node, node.args[0])
+        shape = self._out_shape(node)
+        if math.prod(shape) != math.prod(ref.shape):
+            raise self._refuse(node, "reshape that mixes the batch axis")
+        fresh = ref.fresh and len(node.args[0].users) == 1
+        return _Ref(ref.block, shape, fresh)
+
+    def _arith(self, node: torch.fx.Node) -> _Ref:
+        t = node.target
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        a_is_t = isinstance(self.env.get(a), _Ref)
+        b_is_t = isinstance(self.env.get(b), _Ref)
+        if t in _ADD_FUNCS or t in _SUB_FUNCS:
+            if not (a_is_t and b_is_t):
+                raise self._refuse(node, "adding a constant; biases must come from Linear/Conv2d layers")
+            sign = -1.0 if t in _SUB_FUNCS else 1.0
+            alpha = float(node.kwargs.get("alpha", 1.0))
+            return self._fixed(node, "add", [(self.env[a], 1.0), (self.env[b], sign * alpha)], {})
+        if t in _MUL_FUNCS or t in _DIV_FUNCS:
+            if a_is_t and b_is_t:
+                raise self._refuse(node, "product of two tensors")
+            ref, c = (self.env[a], b) if a_is_t else (self.env.get(b), a)
+            if not isinstance(c, (int, float)) or isinstance(c, bool) or not isinstance(ref, _Ref):
+                raise self._refuse(node, "scaling by something other than a Python number")
+            if t in _DIV_FUNCS:
+                if not a_is_t:
+                    raise self._refuse(node, "dividing a number by a tensor")
+                c = 1.0 / c
+            return self._fixed(node, "scale", [(ref, float(c))], {"scale": float(c)})
+        raise self._refuse(node)
+
+    # --------------------------------------------------------------------- walk
+    def run(self) -> Trace:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOpError(
+                f"forward of {type(self.root).__name__} takes {len(placeholders)} tensor arguments; "
+                "mpbackprop compiles networks with exactly one input"
+            )
+        output_ref: _Ref | None = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = self._new_block(node, "input", [], None, {}, name="input")
+                self.layers[0].source = "network input"
+            elif node.op == "output":
+                out = node.args[0]
+                if not (isinstance(out, torch.fx.Node) and isinstance(self.env.get(out), _Ref)):
+                    raise UnsupportedOpError(
+                        "forward must return a single tensor computed from the input; "
+                        "tuples, dicts and constants are not supported"
+                    )
+                output_ref = self.env[out]
+            else:
+                self.env[node] = self._visit(node)
+        assert output_ref is not None
+        if output_ref.block == 0:
+            raise UnsupportedOpError("the network has no layer: its output is its input")
+        values = torch.cat(self.values) if self.values else torch.zeros(0)
+        return Trace(self.layers, self.edges, values, self.layers[0].shape, output_ref.block)
+
+    def _visit(self, node: torch.fx.Node) -> Any:
+        if node.op == "get_attr":
+            raise self._refuse(node, "tensors used directly in forward; wrap weights in nn.Linear/nn.Conv2d")
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            if isinstance(mod, nn.Linear):
+                return self._linear(node, mod)
+            if isinstance(mod, nn.Conv2d):
+                return self._conv(node, mod)
+            if isinstance(mod, nn.AvgPool2d):
+                return self._avgpool(node, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+                                     mod.count_include_pad, mod.divisor_override)
+            if type(mod) in _MODULE_ACTS:
+                return self._activation(node, _MODULE_ACTS[type(mod)](mod), node.args[0])
+            if isinstance(mod, nn.Identity):
+                return self._ref(node, node.args[0])
+            if isinstance(mod, nn.Flatten):
+                return self._reshape(node)
+            raise self._refuse(node)
+        if node.op == "call_function":
+            act = _function_act(node)
+            if act is not None:
+                return self._activation(node, act, node.args[0])
+            t = node.target
+            if t in _RESHAPE_FUNCS:
+                return self._reshape(node)
+            if t is F.avg_pool2d:
+                return self._avgpool(
+                    node, _arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
+                    _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
+                    _arg(node, 5, "count_include_pad", True), _arg(node, 6, "divisor_override", None),
+                )
+            if t in _ADD_FUNCS + _SUB_FUNCS + _MUL_FUNCS + _DIV_FUNCS:
+                return self._arith(node)
+            if t is operator.neg or t is torch.neg:
+                return self._fixed(node, "scale", [(self._ref(node, node.args[0]), -1.0)], {"scale": -1.0})
+            if t is operator.getitem and not isinstance(self.env.get(node.args[0]), _Ref):
+                return node.meta.get("value")  # indexing a shape tuple: x.shape[0]
+            if t is getattr and not isinstance(self.env.get(node.args[0]), _Ref):
+                return node.meta.get("value")
+            if t is getattr and node.args[1] == "shape":
+                return node.meta.get("value")
+            raise self._refuse(node)
+        if node.op == "call_method":
+            m = node.target
+            if m in _METHOD_ACTS:
+                return self._activation(node, Activation(_METHOD_ACTS[m]), node.args[0])
+            if m in _RESHAPE_METHODS:
+                return self._reshape(node)
+            if m in ("size", "dim"):
+                return node.meta.get("value")
+            if m in ("add", "sub", "mul", "div", "add_", "mul_"):
+                node_t = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+                          "add_": operator.add, "mul_": operator.mul}[m]
+                fake = _FakeNode(node, node_t)
+                return self._arith(fake)  # type: ignore[arg-type]
+            raise self._refuse(node)
+        raise self._refuse(node)  # pragma: no cover
+
+
+class _FakeNode:
+    """A call_method node seen as the equivalent call_function (``x.add(y)`` → ``operator.add``)."""
+
+    def __init__(self, node: torch.fx.Node, target: Callable) -> None:
+        self._node = node
+        self.target = target
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._node, item)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1] if len(v) > 1 else v[0])
+    return int(v), int(v)
+
+
+def _unfold_hw(h: int, w: int, pad: list[int], k: tuple[int, int], stride: Any, dil: Any) -> tuple[int, int]:
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dil)
+    hh = (h + pad[2] + pad[3] - dh * (k[0] - 1) - 1) // sh + 1
+    ww = (w + pad[0] + pad[1] - dw * (k[1] - 1) - 1) // sw + 1
+    return hh, ww
+
+
+def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
+    """Trace ``model`` on inputs of per-sample shape ``input_shape`` into blocks and edges.
+
+    Raises
+    ------
+    UnsupportedOpError
+        An operation the graph cannot express, naming it and where it is.
+    ShapeError
+        ``input_shape`` does not fit the network.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedOpError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if any(int(s) <= 0 for s in input_shape):
+        raise ShapeError(f"input shape {tuple(input_shape)} has a non-positive dimension")
+    gm = symbolic_trace(model)
+    builder = _Builder(gm, model)
+    # refuse unsupported operations before running anything
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = model.get_submodule(str(node.target))
+            ok = isinstance(mod, (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.Identity, nn.Flatten)) or type(
+                mod
+            ) in _MODULE_ACTS
+            if not ok:
+                raise builder._refuse(node)
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    example = torch.zeros((2, *input_shape), dtype=dtype)
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(example)
+    return builder.run()

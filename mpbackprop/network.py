@@ -1,0 +1,342 @@
+"""``CompiledNetwork``: a DGL heterograph plus the layer metadata to run it.
+
+This is what :func:`mpbackprop.compile` returns. Users inspect ``net.graph`` with plain
+DGL; the network can run its forward pass either with dense torch ops per layer
+(:meth:`CompiledNetwork.forward`, fast) or as message passing on the graph
+(:meth:`CompiledNetwork.forward_graph`, the reference), write parameter values back into
+a module, and save/load itself as one file.
+
+Parameters live in one flat vector ``theta`` in param-node order (``g.nodes['param']
+.data['value']`` holds the compiled values); every method takes an optional ``theta`` so
+that the engine and meta-training can run the network functionally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._quiet import dgl, ops
+from .compiler import trace_module
+from .errors import GraphFileError, ShapeError
+from .graph import NEURON, PARAM, build_heterograph, tensor_table
+from .layers import Layer, ParamTensor
+from .views import LayerView, build_views
+
+__all__ = ["CompiledNetwork", "ForwardRecord", "compile", "load"]
+
+_FORMAT = "mpbackprop-graph"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class ForwardRecord:
+    """Per-block values of one forward pass, each ``(B, size)`` (block 0: input, ``z is None``)."""
+
+    z: list[Tensor | None]
+    a: list[Tensor]
+    output: Tensor
+
+
+class CompiledNetwork:
+    """A target network compiled into a DGL heterograph.
+
+    Parameters
+    ----------
+    graph : DGLGraph
+        The heterograph (node types ``neuron`` and ``param``; schema in :mod:`mpbackprop.graph`).
+    layers : list of Layer
+        Block metadata, block 0 being the input.
+    input_shape : tuple of int
+        Per-sample input shape.
+    output_layer : int
+        Index of the block whose values are the network output.
+    """
+
+    def __init__(self, graph: dgl.DGLGraph, layers: list[Layer], input_shape: tuple[int, ...],
+                 output_layer: int) -> None:
+        self.graph = graph
+        self.layers = layers
+        self.input_shape = tuple(input_shape)
+        self.output_layer = output_layer
+        self._views: list[LayerView | None] | None = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def num_neurons(self) -> int:
+        return int(self.graph.num_nodes(NEURON))
+
+    @property
+    def num_params(self) -> int:
+        return int(self.graph.num_nodes(PARAM))
+
+    @property
+    def tensors(self) -> list[ParamTensor]:
+        """Parameter tensors in param-node order."""
+        return tensor_table(self.layers)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.layers[self.output_layer].shape
+
+    @property
+    def values(self) -> Tensor:
+        """The parameter values stored on the graph (``g.nodes['param'].data['value']``)."""
+        if self.num_params == 0:
+            return torch.zeros(0)
+        return self.graph.nodes[PARAM].data["value"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def views(self) -> list[LayerView | None]:
+        """Per-layer DGL blocks (built once, cached)."""
+        if self._views is None:
+            self._views = build_views(self.graph, self.layers)
+        return self._views
+
+    def tensor_view(self, theta: Tensor, p: ParamTensor) -> Tensor:
+        """The slice of ``theta`` holding parameter tensor ``p``, in its shape."""
+        return theta[p.offset:p.stop].view(p.shape)
+
+    def __repr__(self) -> str:
+        return (f"CompiledNetwork(layers={len(self.layers) - 1}, neurons={self.num_neurons}, "
+                f"params={self.num_params}, input_shape={self.input_shape})")
+
+    def _check_input(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ShapeError(
+                f"input of shape {tuple(x.shape)} does not fit: expected (batch, {', '.join(map(str, self.input_shape))})"
+            )
+
+    # ----------------------------------------------------------------- forward
+    def _apply(self, layer: Layer, inputs: list[Tensor], theta: Tensor) -> Tensor:
+        w = self.tensor_view(theta, layer.weight) if layer.weight is not None else None
+        b = self.tensor_view(theta, layer.bias) if layer.bias is not None else None
+        cfg = layer.config
+        if layer.kind == "linear":
+            return F.linear(inputs[0], w, b)
+        if layer.kind == "conv2d":
+            return F.conv2d(F.pad(inputs[0], cfg["pad"]), w, b, stride=cfg["stride"], dilation=cfg["dilation"])
+        if layer.kind == "avgpool2d":
+            return F.avg_pool2d(inputs[0], cfg["kernel"], cfg["stride"], cfg["padding"], False,
+                                cfg["count_include_pad"], cfg["divisor_override"])
+        # add / scale / act: fixed linear combination of the inputs
+        out = inputs[0] * cfg["coefs"][0]
+        for x, c in zip(inputs[1:], cfg["coefs"][1:]):
+            out = out + x * c
+        return out
+
+    def forward(self, x: Tensor, theta: Tensor | None = None, record: bool = False) -> Any:
+        """Run the network with dense torch ops per layer.
+
+        Parameters
+        ----------
+        x : Tensor
+            ``(B, *input_shape)``.
+        theta : Tensor, optional
+            Flat parameters ``(num_params,)``; defaults to the graph's ``value``.
+        record : bool
+            Return a :class:`ForwardRecord` with every block's ``z`` and ``a`` instead of the output.
+        """
+        self._check_input(x)
+        theta = self.values if theta is None else theta
+        batch = x.shape[0]
+        zs: list[Tensor | None] = [None]
+        acts: list[Tensor] = [x.reshape(batch, -1)]
+        for layer in self.layers[1:]:
+            ins = [acts[k].reshape(batch, *shape) for k, shape in zip(layer.inputs, layer.input_shapes)]
+            z = self._apply(layer, ins, theta).reshape(batch, -1)
+            zs.append(z)
+            acts.append(z if layer.activation.is_identity else layer.activation(z))
+        out = acts[self.output_layer].reshape(batch, *self.output_shape)
+        if record:
+            return ForwardRecord(zs, acts, out)
+        return out
+
+    __call__ = forward
+
+    def forward_graph(self, x: Tensor, theta: Tensor | None = None) -> Tensor:
+        """Run the forward pass as message passing on the graph (DGL ``u_mul_e`` + ``sum``).
+
+        ``z_j = Σ_{uses (i,p,j)} w_p·a_i + Σ_{bias p→j} w_p`` for weighted blocks and
+        ``z_j = Σ_{fixed i→j} c·a_i`` for the others; ``a = f(z)``. Equal to :meth:`forward`
+        up to summation order.
+        """
+        self._check_input(x)
+        theta = self.values if theta is None else theta
+        batch = x.shape[0]
+        acts: list[Tensor] = [x.reshape(batch, -1).t()]  # (size, B): node axis first for DGL
+        for layer, view in zip(self.layers[1:], self.views[1:]):
+            assert view is not None
+            a_src = torch.cat([acts[k] for k in view.sources]) if len(view.sources) > 1 else acts[view.sources[0]]
+            if layer.weighted:
+                assert layer.weight is not None and view.param is not None
+                w = theta[layer.weight.offset:layer.weight.stop][view.param].unsqueeze(-1)
+                z = ops.u_mul_e_sum(view.fwd, a_src.contiguous(), w)
+                if view.bias_fwd is not None and layer.bias is not None:
+                    bias = theta[layer.bias.offset:layer.bias.stop].unsqueeze(-1)
+                    z = z + ops.copy_u_sum(view.bias_fwd, bias)
+            else:
+                assert view.coef is not None
+                z = ops.u_mul_e_sum(view.fwd, a_src.contiguous(), view.coef.to(a_src.dtype).unsqueeze(-1))
+            acts.append(z if layer.activation.is_identity else layer.activation(z))
+        return acts[self.output_layer].t().reshape(batch, *self.output_shape)
+
+    # --------------------------------------------------------- module exchange
+    def write_to(self, module: nn.Module, theta: Tensor | None = None) -> None:
+        """Copy parameter values (``theta`` or the graph's) into ``module`` in place."""
+        theta = self.values if theta is None else theta
+        with torch.no_grad():
+            for p in self.tensors:
+                target = module.get_parameter(p.path)
+                target.copy_(self.tensor_view(theta.detach(), p).to(target.dtype))
+
+    def read_from(self, module: nn.Module) -> Tensor:
+        """Flat parameter vector read from ``module``; also stored as the graph's ``value``."""
+        parts = [module.get_parameter(p.path).detach().reshape(-1) for p in self.tensors]
+        theta = torch.cat(parts) if parts else torch.zeros(0)
+        if self.num_params:
+            self.graph.nodes[PARAM].data["value"] = theta.clone()
+        return theta
+
+    # ---------------------------------------------------------------- save/load
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "input_shape": list(self.input_shape),
+            "output_layer": self.output_layer,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write graph and metadata to one file (``dgl.save_graphs``; metadata as a JSON label).
+
+        The write is atomic: a crash leaves either the old file or the new one.
+        """
+        path = Path(path)
+        meta = json.dumps(self.metadata()).encode()
+        labels = {"__mpbackprop__": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            dgl.save_graphs(tmp, [self.graph], labels)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CompiledNetwork":
+        """Load a file written by :meth:`save`; a missing, corrupt or foreign file raises GraphFileError."""
+        path = Path(path)
+        if not path.is_file():
+            raise GraphFileError(f"{path}: no such file")
+        try:
+            graphs, labels = dgl.load_graphs(str(path))
+        except Exception as exc:  # noqa: BLE001 - DGL raises assorted errors on bad files
+            raise GraphFileError(f"{path}: not a graph file written by mpbackprop ({type(exc).__name__})") from exc
+        raw = labels.get("__mpbackprop__")
+        if raw is None or len(graphs) != 1:
+            raise GraphFileError(f"{path}: a DGL file, but not one written by mpbackprop (no metadata)")
+        try:
+            meta = json.loads(bytes(raw.tolist()).decode())
+            if meta.get("format") != _FORMAT:
+                raise ValueError("format")
+            layers = [Layer.from_json(d) for d in meta["layers"]]
+        except Exception as exc:  # noqa: BLE001
+            raise GraphFileError(f"{path}: its mpbackprop metadata is unreadable ({exc})") from exc
+        if meta.get("version", 0) > _FORMAT_VERSION:
+            raise GraphFileError(f"{path}: written by a newer mpbackprop (format {meta['version']}); upgrade")
+        return cls(graphs[0], layers, tuple(meta["input_shape"]), int(meta["output_layer"]))
+
+    # ------------------------------------------------------------------ export
+    def to_networkx(self):  # -> networkx.MultiDiGraph
+        """A ``networkx.MultiDiGraph`` with nodes ``('neuron', id)``/``('param', id)`` and their features."""
+        import networkx as nx
+
+        G = nx.MultiDiGraph()
+        g = self.graph
+        for ntype in (NEURON, PARAM):
+            feats = {k: v for k, v in g.nodes[ntype].data.items() if v.dim() == 1}
+            cols = {k: v.tolist() for k, v in feats.items()}
+            for n in range(g.num_nodes(ntype)):
+                attrs = {k: col[n] for k, col in cols.items()}
+                attrs["ntype"] = ntype
+                G.add_node(f"{ntype[0]}{n}", **attrs)
+        for (st, et, dt) in g.canonical_etypes:
+            if et.endswith("_rev") or g.num_edges((st, et, dt)) == 0:
+                continue
+            u, v = g.edges(etype=(st, et, dt), order="eid")
+            coef = g.edges[(st, et, dt)].data.get("coef")
+            for k, (a, b) in enumerate(zip(u.tolist(), v.tolist())):
+                attrs = {"etype": et, "eid": k}
+                if coef is not None:
+                    attrs["coef"] = float(coef[k])
+                G.add_edge(f"{st[0]}{a}", f"{dt[0]}{b}", **attrs)
+        return G
+
+    def summary(self) -> dict[str, Any]:
+        """Node/edge counts and a layer table (what ``mpbackprop inspect --json`` prints)."""
+        g = self.graph
+        layers = []
+        for layer in self.layers:
+            layers.append({
+                "index": layer.index,
+                "name": layer.name,
+                "kind": layer.kind,
+                "shape": list(layer.shape),
+                "neurons": layer.size,
+                "params": layer.num_params,
+                "activation": str(layer.activation),
+                "inputs": list(layer.inputs),
+                "uses": int(g.num_edges(f"in_{layer.index}")) if layer.weighted else 0,
+                "fixed_edges": int(g.num_edges(f"fixed_{layer.index}")) if layer.kind in
+                ("avgpool2d", "add", "scale", "act") else 0,
+            })
+        return {
+            "num_nodes": {NEURON: self.num_neurons, PARAM: self.num_params},
+            "num_edges": {f"{s}:{e}:{d}": int(g.num_edges((s, e, d))) for (s, e, d) in g.canonical_etypes},
+            "input_shape": list(self.input_shape),
+            "output_layer": self.output_layer,
+            "layers": layers,
+        }
+
+
+def compile(model: nn.Module, example_input: Tensor | tuple[int, ...]) -> CompiledNetwork:  # noqa: A001
+    """Compile ``model`` into a :class:`CompiledNetwork`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built from supported layers (see :data:`mpbackprop.compiler.SUPPORTED`).
+    example_input : Tensor or tuple of int
+        An input batch ``(B, *shape)`` or the per-sample shape itself.
+    """
+    if isinstance(example_input, Tensor):
+        shape = tuple(example_input.shape[1:])
+    else:
+        shape = tuple(int(s) for s in example_input)
+    trace = trace_module(model, shape)
+    graph = build_heterograph(trace)
+    return CompiledNetwork(graph, trace.layers, trace.input_shape, trace.output_layer)
+
+
+def load(path: str | os.PathLike) -> CompiledNetwork:
+    """Load a compiled network saved with :meth:`CompiledNetwork.save`."""
+    return CompiledNetwork.load(path)
+
