@@ -1,0 +1,302 @@
+"""The backward pass as message passing on the compiled graph (method.md §2).
+
+One training step with a backward rule ``R`` and an update rule ``U``:
+
+1. forward: dense torch ops per block record ``z``, ``a`` and ``f'(z)``;
+2. seed: the output block receives ``M = R.seed(∂ℓ/∂a_out)`` (per sample: ``ℓ`` is the
+   per-sample loss, so ``∂ℓ/∂a = B·∂L/∂a`` for the batch-mean loss ``L``);
+3. blocks in reverse order: ``b = R.node(M, z, a, f'(z))``; then, on the layer's backward
+   block (post→pre, the same edges as its uses), messages ``m_k = C(s_p)·b_j`` are summed
+   at the pre-neurons — DGL's fused ``u_mul_e`` + ``sum`` when the rule's message is
+   linear (:meth:`~mpbackprop.rules.BackwardRule.coefficients`), its edge/node UDFs
+   (``message``/``reduce``) otherwise. Fixed edges (pooling, residual, scaling) carry
+   ``coef·b_j``;
+4. per-parameter signal ``G_p = mean_batch Σ_{uses k of p} a_i·b_j`` (DGL ``u_dot_v`` on
+   the uses, ``copy_e_sum`` onto the weights through the ``in_L`` edges); biases
+   ``mean_batch Σ b_j``. For the exact rule ``G[:, 0] = ∂L/∂θ``;
+5. update: ``θ, state ← U(θ, G, state, step)``.
+
+Every rule goes through the same code; nothing here asks which rule it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._quiet import ops
+from .graph import NEURON, PARAM
+from .losses import LossFn, resolve_loss
+from .network import CompiledNetwork, ForwardRecord
+from .rules.base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
+
+__all__ = ["BackwardResult", "StepResult", "forward_and_seed", "backward", "train_step", "signals"]
+
+
+@dataclass
+class BackwardResult:
+    """What one backward pass produced.
+
+    Attributes
+    ----------
+    signal : Tensor
+        ``(P, d)`` per-parameter signals (channel 0: gradient-like).
+    b : list of Tensor or None
+        Per block ``(N, d, B)`` backward state (``None``: input block or unreached).
+    messages : list of Tensor or None
+        Per block ``(N, d, B)`` reduced incoming messages ``M``.
+    """
+
+    signal: Tensor
+    b: list[Tensor | None]
+    messages: list[Tensor | None]
+
+
+@dataclass
+class StepResult:
+    """Result of :func:`train_step`."""
+
+    loss: Tensor
+    theta: Tensor
+    state: dict[str, Tensor]
+    signal: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def forward_and_seed(
+    net: CompiledNetwork, theta: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn, differentiable: bool = False
+) -> tuple[ForwardRecord, Tensor, Tensor]:
+    """Forward pass and the loss gradient at the output activations.
+
+    Returns ``(record, loss, dloss_da)`` where ``dloss_da`` is ``(B, N_out)`` per-sample
+    ``∂ℓ/∂a_out``. Only the loss head is differentiated by autograd; with
+    ``differentiable=True`` everything stays on the autograd graph (for meta-gradients).
+    """
+    batch = x.shape[0]
+    if differentiable:
+        record = net.forward(x, theta, record=True)
+        a_out = record.a[net.output_layer]
+        loss = loss_fn(record.output, y)
+        (grad,) = torch.autograd.grad(loss, a_out, create_graph=True)
+        return record, loss, grad * batch
+    with torch.no_grad():
+        record = net.forward(x, theta.detach(), record=True)
+    a_out = record.a[net.output_layer].detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(a_out.view(batch, *net.output_shape), y)
+        (grad,) = torch.autograd.grad(loss, a_out)
+    return record, loss.detach(), grad * batch
+
+
+def _linear_messages(block: Any, b: Tensor, coef: Tensor, param: Tensor) -> Tensor:
+    """``M_i = Σ_k C_{p(k)} b_{j(k)}`` with DGL's fused ``u_mul_e_sum`` (gspmm)."""
+    c = coef[param]
+    if c.dim() == 1:  # one scalar per weight, all channels
+        return ops.u_mul_e_sum(block, b, c.view(-1, 1, 1))
+    if c.dim() == 2:  # diagonal (P, d)
+        return ops.u_mul_e_sum(block, b, c.unsqueeze(-1))
+    # full (P, d, d): broadcast (N, 1, d', B) * (E, d, d', 1), then sum over d'
+    return ops.u_mul_e_sum(block, b.unsqueeze(1), c.unsqueeze(-1)).sum(2)
+
+
+def _udf_messages(block: Any, rule: BackwardRule, b: Tensor, post: dict[str, Tensor], pre: dict[str, Tensor],
+                  w: Tensor) -> Tensor:
+    """Messages through the rule's DGL edge and node UDFs (non-linear messages)."""
+    with block.local_scope():
+        block.srcdata.update({"b": b, **post})
+        block.dstdata.update(pre)
+        block.edata["w"] = w
+        block.update_all(rule.message, rule.reduce)
+        return block.dstdata["M"]
+
+
+def backward(
+    net: CompiledNetwork,
+    record: ForwardRecord,
+    dloss_da: Tensor,
+    rule: BackwardRule,
+    rule_state: dict[str, Tensor],
+    theta: Tensor,
+    history: dict[str, Tensor] | None = None,
+) -> BackwardResult:
+    """Propagate the error signal backwards through ``net`` with ``rule``.
+
+    Parameters
+    ----------
+    net : CompiledNetwork
+    record : ForwardRecord
+        From :func:`forward_and_seed` (``(B, N)`` per block).
+    dloss_da : Tensor
+        ``(B, N_out)`` per-sample loss gradient at the output activations.
+    rule : BackwardRule
+    rule_state : dict
+        ``rule.init_state(net)``.
+    theta : Tensor
+        ``(P,)`` parameters of this step.
+    history : dict, optional
+        Per-parameter statistics of the update rule (flat ``(P,)`` tensors) offered to the rule.
+    """
+    layers, views = net.layers, net.views
+    n = len(layers)
+    batch = dloss_da.shape[0]
+    d = rule.state_dim
+    depth_den = max(n - 1, 1)
+
+    a_t: list[Tensor] = [a.t() for a in record.a]  # (N, B) views; node axis first for DGL
+    z_t: list[Tensor | None] = [None] + [z.t() for z in record.z[1:]]  # type: ignore[union-attr]
+    fp_t: list[Tensor | None] = [None] * n
+
+    def fprime(k: int) -> Tensor:
+        if fp_t[k] is None:
+            z = z_t[k]
+            assert z is not None
+            fp_t[k] = layers[k].activation.derivative(z)
+        return fp_t[k]  # type: ignore[return-value]
+
+    out = net.output_layer
+    M: list[Tensor | None] = [None] * n
+    B: list[Tensor | None] = [None] * n
+    seed_ctx = NodeContext(layers[out], dloss_da.t(), z_t[out], a_t[out], fprime(out), out / depth_den, True)  # type: ignore[arg-type]
+    M[out] = rule.seed(dloss_da.t().contiguous(), seed_ctx)
+    received = list(M)
+    parts: dict[int, Tensor] = {}  # param offset -> (numel, d)
+    history = history or {}
+
+    for k in range(n - 1, 0, -1):
+        if M[k] is None:
+            continue
+        layer, view = layers[k], views[k]
+        assert view is not None
+        ctx = NodeContext(layer, M[k], z_t[k], a_t[k], fprime(k), k / depth_den, k == out)  # type: ignore[arg-type]
+        b = rule.node(ctx).contiguous()
+        B[k] = b
+        sources = view.sources
+        a_src = a_t[sources[0]] if len(sources) == 1 else torch.cat([a_t[s] for s in sources])
+        needs_messages = any(s != 0 for s in sources)
+        msgs: Tensor | None = None
+        if layer.weighted:
+            wt = layer.weight
+            assert wt is not None and view.param is not None and view.to_param is not None
+            per_use = ops.u_dot_v(view.fwd, a_src.unsqueeze(1).contiguous(), b)  # (E, d, 1)
+            parts[wt.offset] = ops.copy_e_sum(view.to_param, per_use.squeeze(-1)) / batch
+            if layer.bias is not None and view.bias_bwd is not None:
+                parts[layer.bias.offset] = ops.copy_u_sum(view.bias_bwd, b.sum(-1)) / batch
+            if needs_messages:
+                w = theta[wt.offset:wt.stop]
+                hist = {key: v[wt.offset:wt.stop] for key, v in history.items()}
+                coef = rule.coefficients(LayerContext(layer, w, rule_state, k / depth_den, hist))
+                if coef is not None:
+                    msgs = _linear_messages(view.bwd, b, coef, view.param)
+                else:
+                    s = sources[0]
+                    post = {"z": z_t[k], "a": a_t[k], "fprime": fprime(k)}
+                    pre = {"a": a_src}
+                    if s != 0:
+                        pre.update(z=z_t[s], fprime=fprime(s))  # type: ignore[dict-item]
+                    msgs = _udf_messages(view.bwd, rule, b, post, pre, w[view.param])  # type: ignore[arg-type]
+        elif needs_messages:
+            assert view.coef is not None
+            msgs = ops.u_mul_e_sum(view.bwd, b, view.coef.to(b.dtype).view(-1, 1, 1))
+        if msgs is None:
+            continue
+        start = 0
+        for s in sources:
+            size = layers[s].size
+            if s != 0:
+                piece = msgs[start:start + size]
+                M[s] = piece if M[s] is None else M[s] + piece
+                received[s] = M[s]
+            start += size
+
+    signal = _assemble(net, parts, d, theta)
+    return BackwardResult(signal, B, received)
+
+
+def _assemble(net: CompiledNetwork, parts: dict[int, Tensor], d: int, theta: Tensor) -> Tensor:
+    """Concatenate per-tensor signals in param-node order (zeros for tensors no signal reached)."""
+    pieces = []
+    for p in net.tensors:
+        piece = parts.get(p.offset)
+        if piece is None:
+            piece = theta.new_zeros(p.numel, d)
+        pieces.append(piece)
+    if not pieces:
+        return theta.new_zeros(0, d)
+    return torch.cat(pieces)
+
+
+def signals(net: CompiledNetwork, x: Tensor, y: Tensor, rule: BackwardRule, loss: str | LossFn = "cross_entropy",
+            theta: Tensor | None = None, rule_state: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-parameter signals ``(P, d)`` of one backward pass, and the loss (no update)."""
+    theta = net.values if theta is None else theta
+    loss_fn = resolve_loss(loss)
+    rule_state = rule.init_state(net) if rule_state is None else rule_state
+    record, value, dl = forward_and_seed(net, theta, x, y, loss_fn)
+    with torch.no_grad():
+        result = backward(net, record, dl, rule, rule_state, theta)
+    return result.signal, value
+
+
+def train_step(
+    net: CompiledNetwork,
+    theta: Tensor,
+    x: Tensor,
+    y: Tensor,
+    rule: BackwardRule,
+    update: UpdateRule,
+    rule_state: dict[str, Tensor],
+    opt_state: dict[str, Tensor],
+    step: int,
+    loss: str | LossFn = "cross_entropy",
+    differentiable: bool = False,
+    trace: bool = False,
+) -> StepResult:
+    """One training step of ``net`` with a backward rule and an update rule (functional).
+
+    With ``differentiable=True`` the new parameters stay on the autograd graph of the
+    rules' meta-parameters (truncated backprop through unrolls). With ``trace=True`` the
+    backward state and signals are written onto ``net.graph`` for inspection:
+    ``g.nodes['neuron'].data['b']`` ``(N, B, d)``, ``['M']``, ``['z']``, ``['a']`` ``(N, B)``,
+    ``g.nodes['param'].data['signal']`` ``(P, d)`` and ``['delta']`` ``(P,)``.
+    """
+    loss_fn = resolve_loss(loss)
+    record, value, dl = forward_and_seed(net, theta, x, y, loss_fn, differentiable)
+    grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
+    with grad_ctx:
+        result = backward(net, record, dl, rule, rule_state, theta, opt_state)
+        uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
+                             len(net.tensors))
+        new_theta, new_state = update.step(uctx)
+    if trace:
+        write_trace(net, record, result, (theta - new_theta).detach())
+    return StepResult(value, new_theta, new_state, result.signal)
+
+
+def write_trace(net: CompiledNetwork, record: ForwardRecord, result: BackwardResult, delta: Tensor) -> None:
+    """Write what flowed in one step onto ``net.graph`` (see :func:`train_step`)."""
+    g = net.graph
+    batch = record.a[0].shape[0]
+    d = result.signal.shape[1]
+    dtype = result.signal.dtype
+    b_all = torch.zeros(net.num_neurons, batch, d, dtype=dtype)
+    m_all = torch.zeros(net.num_neurons, batch, d, dtype=dtype)
+    z_all = torch.zeros(net.num_neurons, batch, dtype=dtype)
+    a_all = torch.zeros(net.num_neurons, batch, dtype=dtype)
+    for layer in net.layers:
+        sl = slice(layer.offset, layer.stop)
+        a_all[sl] = record.a[layer.index].detach().t()
+        z = record.z[layer.index]
+        if z is not None:
+            z_all[sl] = z.detach().t()
+        if result.b[layer.index] is not None:
+            b_all[sl] = result.b[layer.index].detach().permute(0, 2, 1)  # type: ignore[union-attr]
+        if result.messages[layer.index] is not None:
+            m_all[sl] = result.messages[layer.index].detach().permute(0, 2, 1)  # type: ignore[union-attr]
+    nd = g.nodes[NEURON].data
+    nd["b"], nd["M"], nd["z"], nd["a"] = b_all, m_all, z_all, a_all
+    g.nodes[PARAM].data["signal"] = result.signal.detach()
+    g.nodes[PARAM].data["delta"] = delta
+
