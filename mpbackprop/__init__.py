@@ -11,7 +11,10 @@ from . import _quiet  # noqa: F401  (sets DGLBACKEND and silences DGL's import c
 from .activations import Activation
 from .errors import GraphFileError, ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
 from .layers import Layer, ParamTensor
+from . import rules
 from .network import CompiledNetwork, ForwardRecord, compile, load
+from .trainer import Trainer
+from .verify import verify
 
 __version__ = "0.1.0"
 
@@ -29,4 +32,7 @@ __all__ = [
     "UnsupportedOpError",
     "compile",
     "load",
+    "rules",
+    "Trainer",
+    "verify",
 ]

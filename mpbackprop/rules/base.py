@@ -127,6 +127,10 @@ class BackwardRule(nn.Module):
     #: Short name used on the command line and in checkpoints.
     name: str = "base"
 
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-serialisable (saved with the rule)."""
+        return {}
+
     def init_state(self, net: Any) -> dict[str, Tensor]:
         """Per-network constant state (e.g. feedback weights); called once per network."""
         return {}
@@ -172,6 +176,10 @@ class UpdateRule(nn.Module):
     """Base class of update rules (functional optimizers over the flat parameter vector)."""
 
     name: str = "update"
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-serialisable (saved with the rule)."""
+        return {}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         """Optimizer state for parameters ``theta`` ``(P,)``."""

@@ -54,6 +54,9 @@ class FeedbackAlignment(BackwardRule):
         self.seed_value = int(seed)
         self.scale = float(scale)
 
+    def config(self) -> dict[str, Any]:
+        return {"seed": self.seed_value, "scale": self.scale}
+
     def init_state(self, net: Any) -> dict[str, Tensor]:
         return feedback_weights(net, self.seed_value, self.scale)
 

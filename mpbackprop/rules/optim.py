@@ -27,6 +27,9 @@ class SGD(UpdateRule):
         self.lr = float(lr)
         self.momentum = float(momentum)
 
+    def config(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
+
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         return {"v": torch.zeros_like(theta)} if self.momentum else {}
 
@@ -53,6 +56,9 @@ class Adam(UpdateRule):
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
+
+    def config(self) -> dict[str, object]:
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         return {"m": torch.zeros_like(theta), "v": torch.zeros_like(theta)}

@@ -1,0 +1,452 @@
+"""The ``mpbackprop`` command line.
+
+``mpbackprop compile MODEL.py`` turns a model file (see :mod:`mpbackprop.modelfile`) into a
+saved graph; ``mpbackprop inspect FILE`` describes one. Global options come before the
+subcommand (``mpbackprop --seed 3 compile ...``); every option can also be set through an
+environment variable ``MPBACKPROP_<OPTION>`` (``MPBACKPROP_SEED=3``,
+``MPBACKPROP_COMPILE_FORMAT=json``).
+
+Errors: a library error (:class:`~mpbackprop.errors.MPBackpropError`), an OS error on a
+file, or bad command-line input prints one line ``Error: ...`` on stderr and exits 2;
+``--debug`` prints the traceback instead. An unexpected exception (a bug) prints one line
+and exits 1. New subcommands get this by decorating their callback with
+:func:`report_errors` (below ``@main.command()``) and raising :class:`CLIError` (or a
+library error) for refusals of their own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from . import __version__
+from .errors import MPBackpropError, ModelFileError
+
+__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Output formats of ``compile`` and their default file extensions.
+FORMATS: dict[str, str] = {"dgl": ".bin", "graphml": ".graphml", "json": ".json"}
+
+CONTEXT_SETTINGS = {
+    "auto_envvar_prefix": "MPBACKPROP",
+    "show_default": True,
+    "help_option_names": ["-h", "--help"],
+    "max_content_width": 100,
+}
+
+
+# ---------------------------------------------------------------------------- errors
+class CLIError(click.ClickException):
+    """A refusal of the command line: printed as one ``Error: ...`` line, exit status 2."""
+
+    exit_code = 2
+
+
+@dataclass
+class CLIState:
+    """Global options, stored as ``ctx.obj`` by the group callback."""
+
+    seed: int = 0
+    debug: bool = False
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _debug_requested() -> bool:
+    ctx = click.get_current_context(silent=True)
+    state = ctx.find_object(CLIState) if ctx is not None else None
+    return bool(state and state.debug)
+
+
+def _exit(code: int) -> None:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.exit(code)
+    sys.exit(code)
+
+
+def report_errors(func: F) -> F:
+    """Decorate a subcommand callback so that failures end it with one line (or a traceback).
+
+    ``MPBackpropError`` and ``OSError``: ``Error: <message>`` on stderr, exit 2.
+    Click's own exceptions (``CLIError``, ``click.BadParameter``, ...) pass through to
+    :class:`_Group`, which prints them on one line too. Any other exception: one line
+    ``Error: internal error ...`` and exit 1. With ``--debug`` each of these prints the
+    full traceback instead of the line.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except click.exceptions.ClickException:
+            if _debug_requested():
+                traceback.print_exc(file=sys.stderr)
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise
+        except MPBackpropError as exc:
+            _fail(exc, _one_line(str(exc)) or type(exc).__name__, 2)
+        except OSError as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            _fail(exc, f"{where}{exc.strerror or _one_line(str(exc)) or type(exc).__name__}", 2)
+        except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
+            first = _one_line(str(exc))
+            _fail(exc, f"internal error ({type(exc).__name__}{': ' + first if first else ''}); "
+                       "rerun with --debug for the traceback", 1)
+        return None  # pragma: no cover - _fail always exits
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(exc: BaseException, message: str, code: int) -> None:
+    if _debug_requested():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    else:
+        click.echo(f"Error: {message}", err=True)
+    _exit(code)
+
+
+class _Group(click.Group):
+    """A group whose usage errors print one line (``Error: ... (see 'CMD --help')``), exit 2.
+
+    Click's default prints the usage synopsis, a hint and the message on four lines.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `mpbackprop`: the help text
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class ShapeParam(click.ParamType):
+    """A per-sample shape such as ``1,8,8`` (see :func:`mpbackprop.modelfile.parse_shape`)."""
+
+    name = "SHAPE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        from .modelfile import parse_shape
+
+        try:
+            return parse_shape(value)
+        except ModelFileError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+# ----------------------------------------------------------------------------- group
+@click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", "-V", prog_name="mpbackprop")
+@click.option("--seed", type=int, default=0, help="Seed for torch.manual_seed before anything runs.")
+@click.option("--debug", is_flag=True, default=False, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, seed: int, debug: bool) -> None:
+    """mpbackprop: learn the backward pass by message passing on DGL heterographs.
+
+    Compile a PyTorch network into a neuron/param heterograph and inspect it.
+    Errors print one line and exit with status 2.
+    """
+    import torch
+
+    ctx.obj = CLIState(seed=seed, debug=debug)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- compile
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` and move ``tmp`` to ``path``: a failure leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _graphml_value(value: Any) -> Any:
+    """A value GraphML can store (bool, int, float, str)."""
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def networkx_for_export(net: Any, model_path: str = "") -> Any:
+    """``net.to_networkx()`` with GraphML-safe attributes, neuron coordinates and graph metadata."""
+    G = net.to_networkx()
+    coord = net.graph.nodes["neuron"].data.get("coord")
+    if coord is not None:
+        for n, (c, h, w) in enumerate(coord.tolist()):
+            attrs = G.nodes[f"n{n}"]
+            attrs["coord_c"], attrs["coord_h"], attrs["coord_w"] = c, h, w
+    for _, attrs in G.nodes(data=True):
+        for k, v in attrs.items():
+            attrs[k] = _graphml_value(v)
+    for _, _, attrs in G.edges(data=True):
+        for k, v in attrs.items():
+            attrs[k] = _graphml_value(v)
+    G.graph.update({
+        "format": "mpbackprop-graphml",
+        "model": model_path,
+        "input_shape": ",".join(str(s) for s in net.input_shape),
+        "output_layer": int(net.output_layer),
+        "metadata": json.dumps(net.metadata()),
+    })
+    return G
+
+
+def json_document(net: Any, model_path: str = "") -> dict[str, Any]:
+    """The document ``compile --format json`` writes (structure in the ``compile`` help)."""
+    g = net.graph
+    nodes = {}
+    for ntype in g.ntypes:
+        nodes[ntype] = {
+            "count": int(g.num_nodes(ntype)),
+            "data": {k: v.tolist() for k, v in g.nodes[ntype].data.items()},
+        }
+    edges = {}
+    for (s, e, d) in g.canonical_etypes:
+        u, v = g.edges(etype=(s, e, d), order="eid")
+        edges[f"{s}:{e}:{d}"] = {
+            "src": u.tolist(),
+            "dst": v.tolist(),
+            "data": {k: t.tolist() for k, t in g.edges[(s, e, d)].data.items()},
+        }
+    return {
+        "format": "mpbackprop-json",
+        "version": 1,
+        "model": model_path,
+        "summary": net.summary(),
+        "network": net.metadata(),
+        "nodes": nodes,
+        "edges": edges,
+    }
+
+
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(s) for s in shape) if len(shape) else "scalar"
+
+
+def _edge_breakdown(summary: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    total = uses = bias = fixed = 0
+    for key, count in summary["num_edges"].items():
+        total += count
+        etype = key.split(":")[1]
+        if etype.endswith("_rev"):
+            continue
+        if etype.startswith("in_"):
+            uses += count
+        elif etype.startswith("bias_"):
+            bias += count
+        elif etype.startswith("fixed_"):
+            fixed += count
+    return total, len(summary["num_edges"]), uses, bias, fixed
+
+
+_FORMAT_HELP = """\
+Compile MODEL (a .py file) into a neuron/param heterograph and save it.
+
+MODEL defines `model` (a torch.nn.Module) or `build_model()` returning one, and INPUT_SHAPE,
+the per-sample input shape without the batch axis (or pass --input-shape).
+
+\b
+Formats (default: from OUT's extension, else dgl):
+  dgl      the graph and its layer metadata in one DGL file (.bin); read it back with
+           mpbackprop.load(path) or `mpbackprop inspect`.
+  graphml  networkx.write_graphml of CompiledNetwork.to_networkx(): nodes n<i> (neuron) and
+           p<i> (param) with their scalar features (neuron coord split into coord_c/_h/_w),
+           edges with etype/eid (and coef on fixed edges); reverse edge types left out;
+           graph attributes format, model, input_shape, output_layer, metadata (JSON).
+  json     one JSON object:
+             format: "mpbackprop-json", version: 1, model: the MODEL path,
+             summary: CompiledNetwork.summary() (num_nodes, num_edges, layers, ...),
+             network: CompiledNetwork.metadata() (input_shape, output_layer, full layer records),
+             nodes: {"neuron"|"param": {"count": N, "data": {feature: [per-node values]}}},
+             edges: {"src:etype:dst": {"src": [ids], "dst": [ids], "data": {"coef": [...]}}}
+                    for every canonical edge type, edge k at position k.
+"""
+
+
+@main.command("compile", help=_FORMAT_HELP, short_help="Compile MODEL.py into a graph file.")
+@click.argument("model_path", metavar="MODEL", type=_EXISTING_FILE)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file [default: ./<MODEL stem><format extension>].")
+@click.option("--input-shape", type=ShapeParam(), default=None,
+              help="Per-sample input shape such as 1,8,8; overrides the file's INPUT_SHAPE.")
+@click.option("--attr", default=None, metavar="NAME",
+              help="Take the network from NAME (a module or a zero-argument builder) instead of "
+                   "model/build_model.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
+              help="Output format (see above).")
+@report_errors
+def compile_cmd(model_path: Path, out: Path | None, input_shape: tuple[int, ...] | None, attr: str | None,
+                fmt: str | None) -> None:
+    import networkx as nx
+
+    import mpbackprop
+    from .modelfile import load_model
+
+    if fmt is None:
+        suffix = out.suffix.lower() if out is not None else ""
+        fmt = next((name for name, ext in FORMATS.items() if ext == suffix), "dgl")
+        if suffix == ".xml":
+            fmt = "graphml"
+    if out is None:
+        out = Path(model_path.stem + FORMATS[fmt])
+
+    model, shape = load_model(model_path, attr=attr, input_shape=input_shape)
+    start = time.perf_counter()
+    net = mpbackprop.compile(model, shape)
+    elapsed = time.perf_counter() - start
+    summary = net.summary()
+
+    if fmt == "dgl":
+        net.save(out)
+    elif fmt == "graphml":
+        G = networkx_for_export(net, str(model_path))
+        _atomic_write(out, lambda tmp: nx.write_graphml(G, tmp))
+    else:
+        doc = json_document(net, str(model_path))
+
+        def _dump(tmp: str) -> None:
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh)
+        _atomic_write(out, _dump)
+
+    total, n_types, uses, bias, fixed = _edge_breakdown(summary)
+    kinds = Counter(layer.kind for layer in net.layers[1:])
+    kind_text = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in kinds.items())
+    click.echo(f"model: {model_path} ({type(model).__name__}), input {_shape_text(net.input_shape)} "
+               f"-> output {_shape_text(net.output_shape)}")
+    click.echo(f"neurons: {net.num_neurons}")
+    click.echo(f"params: {net.num_params}")
+    click.echo(f"edges: {total} in {n_types} edge types ({uses} weight uses, {bias} bias, {fixed} fixed; "
+               "each with its reverse type)")
+    click.echo(f"layers: {len(net.layers) - 1} ({kind_text})")
+    click.echo(f"compile time: {elapsed:.3f} s")
+    click.echo(f"wrote: {out} ({fmt})")
+
+
+# --------------------------------------------------------------------------- inspect
+def format_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> list[str]:
+    """Rows of an aligned text table (columns in ``right`` right-aligned)."""
+    right = right or set()
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
+    """The text ``mpbackprop inspect`` prints for a ``CompiledNetwork.summary()``."""
+    layers = summary["layers"]
+    out = []
+    if path:
+        out.append(f"file: {path}")
+    output = layers[summary["output_layer"]]
+    out.append(f"input shape: {_shape_text(summary['input_shape'])}   output: layer {summary['output_layer']} "
+               f"({output['name']}), shape {_shape_text(output['shape'])}")
+    out.append("")
+    out.append("nodes:")
+    out += ["  " + ln for ln in format_table(
+        ["type", "count"], [[k, v] for k, v in summary["num_nodes"].items()], right={1})]
+    out.append("")
+    out.append("edges:")
+    edge_rows = [[k, v] for k, v in summary["num_edges"].items()]
+    edge_rows.append(["total", sum(summary["num_edges"].values())])
+    out += ["  " + ln for ln in format_table(["canonical edge type", "count"], edge_rows, right={1})]
+    out.append("")
+    out.append("layers:")
+    headers = ["index", "name", "kind", "shape", "neurons", "params", "activation", "inputs", "uses"]
+    rows = [[d["index"], d["name"], d["kind"], _shape_text(d["shape"]), d["neurons"], d["params"],
+             d["activation"], ",".join(map(str, d["inputs"])) or "-", d["uses"]] for d in layers]
+    rows.append(["", "total", "", "", sum(d["neurons"] for d in layers), sum(d["params"] for d in layers),
+                 "", "", sum(d["uses"] for d in layers)])
+    out += ["  " + ln for ln in format_table(headers, rows, right={0, 4, 5, 8})]
+    return out
+
+
+@main.command("inspect")
+@click.argument("file", type=_EXISTING_FILE)
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print CompiledNetwork.summary() as JSON (num_nodes, num_edges, layers, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.png",
+              help="Also draw the network (neurons in columns by layer, weights as coloured edges).")
+@click.option("--max-nodes", type=click.IntRange(min=1), default=400,
+              help="Refuse to --plot networks with more neurons than this.")
+@report_errors
+def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) -> None:
+    """Describe a compiled graph FILE (.bin written by `mpbackprop compile`).
+
+    Prints node counts per type, edge counts per canonical edge type and the layer table.
+    """
+    import mpbackprop
+
+    net = mpbackprop.load(file)
+    if plot is not None:
+        from .plotting import check_plot_size
+
+        check_plot_size(net, max_nodes)
+    summary = net.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for line in inspect_lines(summary, str(file)):
+            click.echo(line)
+    if plot is not None:
+        from .plotting import plot_network
+
+        plot_network(net, plot, max_nodes=max_nodes, title=file.stem)
+        # with --json, stdout stays pure JSON
+        click.echo(f"wrote: {plot}", err=as_json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name="mpbackprop")
