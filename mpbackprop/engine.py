@@ -76,7 +76,7 @@ def forward_and_seed(
     ``differentiable=True`` everything stays on the autograd graph (for meta-gradients).
     """
     batch = x.shape[0]
-    if differentiable:
+    if differentiable and theta.requires_grad:  # else the seed does not depend on meta-parameters
         record = net.forward(x, theta, record=True)
         a_out = record.a[net.output_layer]
         loss = loss_fn(record.output, y)

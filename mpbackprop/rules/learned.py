@@ -17,8 +17,8 @@
 signal channels, momenta at decays 0.5/0.9/0.99/0.999, the signal and momenta over the
 root of the second moment and the weight, each normalised per tensor, plus step-count
 features; output ``direction·exp(λ·magnitude)`` times a base step size, soft-bounded by
-``tanh``. With ``init="adam"`` an Adam term with a learnable log learning rate is added
-(the MLP starting at zero, the rule starts *as* Adam); ``init="scratch"`` has no Adam term.
+``tanh``. With ``init="adam"`` an Adam term with a learnable learning-rate scale is added
+(the MLP starting at zero, the rule starts *as* Adam with learning rate ``lr``); ``init="scratch"`` has no Adam term.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class LearnedUpdate(UpdateRule):
         self.exp_mult = float(exp_mult)
         n_in = self.signal_dim + 2 * len(_DECAYS) + 2 + 4
         self.net = mlp(n_in, hidden, 2, layers=2)
-        self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
+        self.log_lr_scale = nn.Parameter(torch.tensor(0.0))  # Adam's lr = lr·exp(scale)
         self.use_adam = init == "adam"
 
     def config(self) -> dict[str, Any]:
@@ -202,12 +202,12 @@ class LearnedUpdate(UpdateRule):
         normed = raw / _per_tensor_rms(raw, ctx.segments, ctx.num_segments)
         time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=raw.dtype)
         feats = torch.cat([normed, time.expand(raw.shape[0], 4)], dim=1)
-        out = self.net(feats.to(self.log_lr.dtype)).to(g.dtype)
+        out = self.net(feats.to(self.log_lr_scale.dtype)).to(g.dtype)
         direction, magnitude = out[:, 0], out[:, 1]
         learned = self.lr * direction * torch.exp(self.exp_mult * magnitude)
         delta = self.max_step * torch.tanh(learned / self.max_step)
         if self.use_adam:
-            delta = delta + torch.exp(self.log_lr) * moms[1] * rsqrt  # m at β=0.9: Adam's first moment
+            delta = delta + self.lr * torch.exp(self.log_lr_scale) * moms[1] * rsqrt  # m at β=0.9: Adam's first moment
         return ctx.theta - delta, new
 
     def __repr__(self) -> str:
