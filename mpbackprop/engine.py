@@ -102,6 +102,32 @@ def _linear_messages(block: Any, b: Tensor, coef: Tensor, param: Tensor) -> Tens
     return ops.u_mul_e_sum(block, b.unsqueeze(1), c.unsqueeze(-1)).sum(2)
 
 
+def _dense_linear(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, batch: int,
+                  want_messages: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Fused path for ``Linear`` layers: the same sums as the DGL path, as dense contractions.
+
+    A Linear layer's uses are all ``(r·n_in + i, o·n_in + i, r·n_out + o)``, so
+    ``Σ_uses a_i b_j`` is a matrix product and ``Σ_k C_p b_j`` is ``Cᵀ b`` per channel.
+    Returns ``(weight signal (P_w, d), bias signal (n_out, d) or None, messages or None)``.
+    """
+    n_out, n_in = layer.weight.shape
+    d = b.shape[1]
+    bb = b.view(-1, n_out, d, batch)  # (rows, out, d, B)
+    aa = a_src.reshape(-1, n_in, batch)  # (rows, in, B)
+    g_w = torch.einsum("rib,rocb->oic", aa, bb).reshape(-1, d) / batch
+    g_b = bb.sum((0, 3)) / batch if layer.bias is not None else None
+    msgs = None
+    if want_messages and coef is not None:
+        if coef.dim() == 1:
+            msgs = torch.einsum("oi,rocb->ricb", coef.view(n_out, n_in), bb)
+        elif coef.dim() == 2:
+            msgs = torch.einsum("oic,rocb->ricb", coef.view(n_out, n_in, d), bb)
+        else:
+            msgs = torch.einsum("oicx,roxb->ricb", coef.view(n_out, n_in, d, d), bb)
+        msgs = msgs.reshape(-1, d, batch)
+    return g_w, g_b, msgs
+
+
 def _udf_messages(block: Any, rule: BackwardRule, b: Tensor, post: dict[str, Tensor], pre: dict[str, Tensor],
                   w: Tensor) -> Tensor:
     """Messages through the rule's DGL edge and node UDFs (non-linear messages)."""
@@ -121,6 +147,7 @@ def backward(
     rule_state: dict[str, Tensor],
     theta: Tensor,
     history: dict[str, Tensor] | None = None,
+    fused: bool = True,
 ) -> BackwardResult:
     """Propagate the error signal backwards through ``net`` with ``rule``.
 
@@ -138,6 +165,9 @@ def backward(
         ``(P,)`` parameters of this step.
     history : dict, optional
         Per-parameter statistics of the update rule (flat ``(P,)`` tensors) offered to the rule.
+    fused : bool
+        Run ``Linear`` layers with linear messages as dense contractions (same numbers as
+        the DGL path up to summation order; ``False`` forces DGL message passing everywhere).
     """
     layers, views = net.layers, net.views
     n = len(layers)
@@ -180,17 +210,24 @@ def backward(
         if layer.weighted:
             wt = layer.weight
             assert wt is not None and view.param is not None and view.to_param is not None
-            per_use = ops.u_dot_v(view.fwd, a_src.unsqueeze(1).contiguous(), b)  # (E, d, 1)
-            parts[wt.offset] = ops.copy_e_sum(view.to_param, per_use.squeeze(-1)) / batch
-            if layer.bias is not None and view.bias_bwd is not None:
-                parts[layer.bias.offset] = ops.copy_u_sum(view.bias_bwd, b.sum(-1)) / batch
+            coef = None
             if needs_messages:
                 w = theta[wt.offset:wt.stop]
                 hist = {key: v[wt.offset:wt.stop] for key, v in history.items()}
                 coef = rule.coefficients(LayerContext(layer, w, rule_state, k / depth_den, hist))
-                if coef is not None:
+            if fused and layer.kind == "linear" and (coef is not None or not needs_messages):
+                g_w, g_b, msgs = _dense_linear(layer, b, a_src, coef, batch, needs_messages)
+                parts[wt.offset] = g_w
+                if g_b is not None:
+                    parts[layer.bias.offset] = g_b  # type: ignore[union-attr]
+            else:
+                per_use = ops.u_dot_v(view.fwd, a_src.unsqueeze(1).contiguous(), b)  # (E, d, 1)
+                parts[wt.offset] = ops.copy_e_sum(view.to_param, per_use.squeeze(-1)) / batch
+                if layer.bias is not None and view.bias_bwd is not None:
+                    parts[layer.bias.offset] = ops.copy_u_sum(view.bias_bwd, b.sum(-1)) / batch
+                if needs_messages and coef is not None:
                     msgs = _linear_messages(view.bwd, b, coef, view.param)
-                else:
+                elif needs_messages:
                     s = sources[0]
                     post = {"z": z_t[k], "a": a_t[k], "fprime": fprime(k)}
                     pre = {"a": a_src}
@@ -229,14 +266,15 @@ def _assemble(net: CompiledNetwork, parts: dict[int, Tensor], d: int, theta: Ten
 
 
 def signals(net: CompiledNetwork, x: Tensor, y: Tensor, rule: BackwardRule, loss: str | LossFn = "cross_entropy",
-            theta: Tensor | None = None, rule_state: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+            theta: Tensor | None = None, rule_state: dict[str, Tensor] | None = None,
+            fused: bool = True) -> tuple[Tensor, Tensor]:
     """Per-parameter signals ``(P, d)`` of one backward pass, and the loss (no update)."""
     theta = net.values if theta is None else theta
     loss_fn = resolve_loss(loss)
     rule_state = rule.init_state(net) if rule_state is None else rule_state
     record, value, dl = forward_and_seed(net, theta, x, y, loss_fn)
     with torch.no_grad():
-        result = backward(net, record, dl, rule, rule_state, theta)
+        result = backward(net, record, dl, rule, rule_state, theta, fused=fused)
     return result.signal, value
 
 
@@ -253,6 +291,7 @@ def train_step(
     loss: str | LossFn = "cross_entropy",
     differentiable: bool = False,
     trace: bool = False,
+    fused: bool = True,
 ) -> StepResult:
     """One training step of ``net`` with a backward rule and an update rule (functional).
 
@@ -266,7 +305,7 @@ def train_step(
     record, value, dl = forward_and_seed(net, theta, x, y, loss_fn, differentiable)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
     with grad_ctx:
-        result = backward(net, record, dl, rule, rule_state, theta, opt_state)
+        result = backward(net, record, dl, rule, rule_state, theta, opt_state, fused=fused)
         uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
                              len(net.tensors))
         new_theta, new_state = update.step(uctx)

@@ -355,3 +355,23 @@ def test_rule_files_round_trip_and_refuse_junk(tmp_path):
         load_rule(tmp_path / "foreign.pt")
     with pytest.raises(GraphFileError):
         load_rule(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("rule_factory", [Exact, lambda: FeedbackAlignment(seed=2), _Channels,
+                                          lambda: LearnedBackward(state_dim=3, init="feedback").double()])
+@pytest.mark.parametrize("name", ["deep-mlp", "resmlp", "convnet"])
+def test_fused_dense_path_equals_dgl_path(name, rule_factory):
+    torch.manual_seed(0)
+    factory, shape = MODELS[name]
+    model = factory().double()
+    net = mp.compile(model, shape)
+    x, y = _batch(net, torch.float64, "cross_entropy")
+    rule = rule_factory()
+    for p in rule.parameters():  # non-trivial learned coefficients
+        with torch.no_grad():
+            p.add_(0.1 * torch.randn_like(p))
+    state = rule.init_state(net)
+    fused, _ = signals(net, x, y, rule, rule_state=state, fused=True)
+    plain, _ = signals(net, x, y, rule, rule_state=state, fused=False)
+    assert fused.abs().max() > 0
+    assert (fused - plain).abs().max() <= 1e-12 * max(1.0, float(plain.abs().max()))
