@@ -13,6 +13,7 @@ that the engine and meta-training can run the network functionally.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +37,43 @@ __all__ = ["CompiledNetwork", "ForwardRecord", "compile", "load"]
 
 _FORMAT = "mpbackprop-graph"
 _FORMAT_VERSION = 1
+# A footer after DGL's bytes: magic + SHA-256 of everything before it. DGL's reader can crash the
+# process (segfault) on a truncated or damaged file, so load() only hands DGL verified bytes.
+# DGL itself ignores the trailing footer, so plain ``dgl.load_graphs`` still reads the file.
+_FOOTER_MAGIC = b"MPBPSHA2"
+_FOOTER_SIZE = len(_FOOTER_MAGIC) + 32
+_DGL_MAGIC = (0xDD2E4FF046B4A13F).to_bytes(8, "little")
+
+
+def _file_digest(path: Path, size: int) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.digest()
+
+
+def _check_footer(path: Path) -> None:
+    """Raise GraphFileError unless ``path`` ends in a footer whose checksum matches its bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if size >= _FOOTER_SIZE:
+            f.seek(size - _FOOTER_SIZE)
+            footer = f.read(_FOOTER_SIZE)
+        else:
+            footer = b""
+    if not footer.startswith(_FOOTER_MAGIC):
+        if head == _DGL_MAGIC:
+            raise GraphFileError(f"{path}: a DGL file, but not one written by mpbackprop, or truncated (no checksum)")
+        raise GraphFileError(f"{path}: not a graph file written by mpbackprop")
+    if _file_digest(path, size - _FOOTER_SIZE) != footer[len(_FOOTER_MAGIC):]:
+        raise GraphFileError(f"{path}: graph file is damaged (checksum mismatch)")
 
 
 @dataclass
@@ -203,10 +241,14 @@ class CompiledNetwork:
                 target = module.get_parameter(p.path)
                 target.copy_(self.tensor_view(theta.detach(), p).to(target.dtype))
 
+    def values_of(self, module: nn.Module) -> Tensor:
+        """Flat parameter vector of ``module`` in param-node order (the graph is not changed)."""
+        parts = [module.get_parameter(p.path).detach().reshape(-1) for p in self.tensors]
+        return torch.cat(parts).clone() if parts else torch.zeros(0)
+
     def read_from(self, module: nn.Module) -> Tensor:
         """Flat parameter vector read from ``module``; also stored as the graph's ``value``."""
-        parts = [module.get_parameter(p.path).detach().reshape(-1) for p in self.tensors]
-        theta = torch.cat(parts) if parts else torch.zeros(0)
+        theta = self.values_of(module)
         if self.num_params:
             self.graph.nodes[PARAM].data["value"] = theta.clone()
         return theta
@@ -224,7 +266,9 @@ class CompiledNetwork:
     def save(self, path: str | os.PathLike) -> Path:
         """Write graph and metadata to one file (``dgl.save_graphs``; metadata as a JSON label).
 
-        The write is atomic: a crash leaves either the old file or the new one.
+        A SHA-256 footer follows DGL's bytes, so :meth:`load` refuses a truncated or damaged
+        file before DGL parses it. The write is atomic: a crash leaves either the old file or
+        the new one.
         """
         path = Path(path)
         meta = json.dumps(self.metadata()).encode()
@@ -234,6 +278,9 @@ class CompiledNetwork:
         os.close(fd)
         try:
             dgl.save_graphs(tmp, [self.graph], labels)
+            digest = _file_digest(Path(tmp), os.path.getsize(tmp))
+            with open(tmp, "ab") as f:
+                f.write(_FOOTER_MAGIC + digest)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -246,6 +293,7 @@ class CompiledNetwork:
         path = Path(path)
         if not path.is_file():
             raise GraphFileError(f"{path}: no such file")
+        _check_footer(path)
         try:
             graphs, labels = dgl.load_graphs(str(path))
         except Exception as exc:  # noqa: BLE001 - DGL raises assorted errors on bad files

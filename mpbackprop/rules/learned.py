@@ -107,7 +107,7 @@ class LearnedBackward(BackwardRule):
         fb = ctx.rule_state[f"B{ctx.layer.index}"].to(w.dtype)
         rw, rb = _rms(w), _rms(fb)
         hist = ctx.history.get("v")
-        h = torch.log(torch.sqrt(hist) + 1e-8) / 10 if hist is not None else torch.zeros_like(w)
+        h = torch.log(torch.sqrt(hist + 1e-30) + 1e-8) / 10 if hist is not None else torch.zeros_like(w)
         fan_in = w.numel() / max(ctx.layer.weight.shape[0], 1)  # type: ignore[union-attr]
         feats = torch.stack(
             [w / rw, fb / rb, torch.full_like(w, ctx.depth), torch.full_like(w, math.log(fan_in) / 5), h], dim=1
@@ -197,7 +197,7 @@ class LearnedUpdate(UpdateRule):
         v = 0.999 * ctx.state["v"] + (1 - 0.999) * g * g
         new["v"] = v
         v_hat = v / (1 - 0.999**t)
-        rsqrt = 1.0 / (torch.sqrt(v_hat) + 1e-8)
+        rsqrt = 1.0 / (torch.sqrt(v_hat + 1e-30) + 1e-8)  # +1e-30: finite derivative at v = 0
         raw = torch.stack([*ctx.signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta], dim=1)
         normed = raw / _per_tensor_rms(raw, ctx.segments, ctx.num_segments)
         time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=raw.dtype)

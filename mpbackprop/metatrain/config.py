@@ -1,0 +1,100 @@
+"""Meta-training configuration: one dataclass, written as ``config.json`` next to every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetaConfig"]
+
+
+@dataclass
+class MetaConfig:
+    """Everything that defines a meta-training run (same config + seed → same run).
+
+    Attributes
+    ----------
+    family : str
+        Task family (``mpbackprop.tasks.FAMILIES``).
+    estimator : str
+        ``tbptt`` (truncated backprop through the unroll), ``es`` (antithetic evolution
+        strategies) or ``pes`` (persistent ES).
+    outer_steps : int
+        Outer (meta-parameter) updates.
+    unroll : tuple of int
+        Range ``(lo, hi)`` of inner horizons ``T``, sampled log-uniformly per task.
+    truncation : int
+        Inner steps per truncation ``K``; the inner state carries across truncations.
+    tasks_per_step : int
+        Tasks averaged per outer step.
+    objective : str
+        ``mean`` (mean log validation loss over the unroll), ``final`` (at ``T`` only), or
+        ``mixed`` (``final_weight`` on the end, the rest spread over the unroll).
+    backward_init, update_init : str
+        ``backprop``/``feedback`` and ``adam``/``scratch`` (see :mod:`mpbackprop.rules.learned`).
+    """
+
+    family: str = "digits-mlp"
+    estimator: str = "tbptt"
+    outer_steps: int = 300
+    unroll: tuple[int, int] = (60, 120)
+    truncation: int = 20
+    tasks_per_step: int = 4
+    objective: str = "mixed"
+    final_weight: float = 0.5
+    meta_lr: float = 3e-3
+    clip_norm: float = 1.0
+    state_dim: int = 2
+    hidden: int = 16
+    backward_init: str = "backprop"
+    update_init: str = "adam"
+    update_lr: float = 1e-2
+    es_sigma: float = 0.01
+    es_pairs: int = 4
+    val_examples: int = 256
+    eval_every: int = 25
+    eval_tasks: int = 4
+    eval_horizon: int = 100
+    checkpoint_every: int = 10
+    diverge_factor: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.unroll = (int(self.unroll[0]), int(self.unroll[1]))
+        problems = []
+        if self.estimator not in ("tbptt", "es", "pes"):
+            problems.append(f"estimator must be tbptt, es or pes (got {self.estimator!r})")
+        if self.objective not in ("mean", "final", "mixed"):
+            problems.append(f"objective must be mean, final or mixed (got {self.objective!r})")
+        if not 1 <= self.unroll[0] <= self.unroll[1]:
+            problems.append(f"unroll range must satisfy 1 <= lo <= hi (got {self.unroll})")
+        if self.truncation < 1 or self.tasks_per_step < 1 or self.outer_steps < 0:
+            problems.append("truncation and tasks_per_step must be >= 1, outer_steps >= 0")
+        if self.backward_init not in ("backprop", "feedback"):
+            problems.append(f"backward_init must be backprop or feedback (got {self.backward_init!r})")
+        if self.update_init not in ("adam", "scratch"):
+            problems.append(f"update_init must be adam or scratch (got {self.update_init!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["unroll"] = list(self.unroll)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MetaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MetaConfig":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "MetaConfig":
+        return MetaConfig.from_json({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})

@@ -1,0 +1,312 @@
+"""The outer loop: meta-gradient estimates → clipped Adam steps on the rule's meta-parameters.
+
+Run directory layout (every write atomic, write-then-rename):
+
+=================  ==============================================================
+``config.json``    the :class:`MetaConfig`
+``rule.pt``        latest rule (``mpbackprop.rules.load_rule`` reads it)
+``best.pt``        best rule so far on the meta-validation tasks
+``state.pt``       outer optimizer, RNG states, step, inner states (``--resume``)
+``metrics.jsonl``  one line per outer step: meta-loss, grad norm, skipped, seconds, …
+``meta_loss.png``  the meta-loss curve with validation scores
+=================  ==============================================================
+
+An outer step whose meta-loss or meta-gradient is not finite is skipped and counted,
+never applied. Files are loaded with ``torch.load(weights_only=True)``: loading a
+checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import GraphFileError
+from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, UpdateRule, save_rule
+from ..tasks import TaskSpec, get_family
+from .config import MetaConfig
+from .estimators import Estimator, make_estimator
+from .inner import get_task, unroll
+
+__all__ = ["MetaTrainer", "meta_validate", "build_rules", "RunSummary"]
+
+_STATE_FORMAT = "mpbackprop-metatrain-state"
+
+
+def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
+    """The learned backward and update rules a config describes (seeded)."""
+    torch.manual_seed(cfg.seed)
+    rule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init, seed=cfg.seed)
+    update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.update_init, lr=cfg.update_lr)
+    return rule, update
+
+
+def meta_validate(rule: BackwardRule, update: UpdateRule, specs: list[TaskSpec], horizon: int,
+                  val_examples: int | None = None) -> dict[str, float]:
+    """Train each task for ``2·horizon`` steps; mean log validation loss at ``T`` and ``2T``."""
+    at_t, at_2t = [], []
+    for spec in specs:
+        task = get_task(spec)
+        from .inner import new_inner
+
+        inner = new_inner(spec, update, 2 * horizon, val_examples or 10**9)
+        with torch.no_grad():
+            first = unroll(rule, update, inner, horizon, "final", 1.0, val_examples, math.inf, False)
+            second = unroll(rule, update, inner, horizon, "final", 1.0, val_examples, math.inf, False)
+        at_t.append(_safe_log(first.last_val_loss))
+        at_2t.append(_safe_log(second.last_val_loss))
+        del task
+    return {"valid_log_loss_T": sum(at_t) / len(at_t), "valid_log_loss_2T": sum(at_2t) / len(at_2t)}
+
+
+def _safe_log(x: float) -> float:
+    return math.log(x) if math.isfinite(x) and x > 0 else 10.0
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        return "unknown"
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    steps: int
+    skipped: int
+    best_score: float
+    interrupted: bool
+    seconds: float
+
+
+class MetaTrainer:
+    """Meta-train a learned rule.
+
+    Parameters
+    ----------
+    cfg : MetaConfig
+    out : path
+        Run directory (created).
+    resume : bool
+        Continue from ``out/state.pt`` exactly where it stopped.
+    reduce : callable, optional
+        Averages a flat tensor across workers (identity in one process); see issue on
+        ``torch.distributed``.
+    is_writer : bool
+        Whether this process writes files (rank 0).
+    """
+
+    def __init__(self, cfg: MetaConfig, out: str | os.PathLike, resume: bool = False,
+                 reduce: Callable[[Tensor], Tensor] | None = None, is_writer: bool = True) -> None:
+        self.out = Path(out)
+        self.reduce = reduce or (lambda t: t)
+        self.is_writer = is_writer
+        state_path = self.out / "state.pt"
+        if resume:
+            if not state_path.is_file():
+                raise GraphFileError(f"{self.out}: nothing to resume (no state.pt); run without --resume")
+            cfg = MetaConfig.load(self.out / "config.json").replace(outer_steps=cfg.outer_steps)
+        self.cfg = cfg
+        self.family = get_family(cfg.family)
+        self.rule, self.update = build_rules(cfg)
+        self.rng = random.Random(cfg.seed)
+        self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update, self.rng)
+        self.params = self.estimator.params
+        self.opt = torch.optim.Adam(self.params, lr=cfg.meta_lr)
+        self.valid_specs = self.family.tasks("valid", cfg.eval_tasks, seed=cfg.seed)
+        self.step = 0
+        self.skipped = 0
+        self.best_score = math.inf
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._load_state(state_path)
+        elif self.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            _atomic_write(self.out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_json(), indent=2)))
+
+    # ------------------------------------------------------------ checkpoints
+    def _provenance(self) -> dict[str, Any]:
+        return {"command": " ".join(sys.argv), "commit": _git_commit(), "config": self.cfg.to_json(),
+                "step": self.step}
+
+    def save(self) -> None:
+        """Write latest rule, optimizer/RNG/inner state and the plot (atomically)."""
+        if not self.is_writer:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_rule(self.out / "rule.pt", self.rule, self.update, self._provenance())
+        state = {
+            "format": _STATE_FORMAT,
+            "step": self.step,
+            "skipped": self.skipped,
+            "best_score": self.best_score,
+            "optimizer": self.opt.state_dict(),
+            "rule": self.rule.state_dict(),
+            "update": self.update.state_dict(),
+            "py_rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "estimator": self.estimator.state_dict(),
+        }
+        _atomic_write(self.out / "state.pt", lambda p: torch.save(state, p))
+        self._plot()
+
+    def _load_state(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+                raise ValueError("not a meta-training state file")
+            self.rule.load_state_dict(state["rule"])
+            self.update.load_state_dict(state["update"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.rng.setstate(_as_tuple(state["py_rng"]))
+            torch.set_rng_state(state["torch_rng"])
+            self.estimator.load_state_dict(state["estimator"])
+        except Exception as exc:  # noqa: BLE001
+            raise GraphFileError(f"{path}: cannot resume from this file ({exc})") from exc
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+        self.best_score = float(state["best_score"])
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():  # drop lines written after the checkpoint: the run continues from there
+            lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+            self.history = [l for l in lines if l["step"] <= self.step]
+            if self.is_writer:
+                text = "".join(json.dumps(l) + "\n" for l in self.history)
+                _atomic_write(metrics, lambda p: Path(p).write_text(text))
+
+    def _plot(self) -> None:
+        if not self.history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history if math.isfinite(h.get("meta_loss", math.nan))]
+        losses = [h["meta_loss"] for h in self.history if math.isfinite(h.get("meta_loss", math.nan))]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, losses, lw=0.8, alpha=0.5, label="meta-loss (train tasks)")
+        if len(losses) >= 10:
+            k = max(len(losses) // 20, 5)
+            smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, lw=2, label=f"running mean ({k})")
+        vs = [(h["step"], h["valid_log_loss_T"]) for h in self.history if "valid_log_loss_T" in h]
+        if vs:
+            ax.plot(*zip(*vs), "o-", color="C3", label="meta-validation log loss at T")
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("log validation loss")
+        ax.set_title(f"meta-training {self.cfg.family} ({self.cfg.estimator})")
+        ax.legend()
+        fig.tight_layout()
+        _atomic_write(self.out / "meta_loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        plt.close(fig)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if self.is_writer:
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------- loop
+    def outer_step(self) -> dict[str, Any]:
+        """One meta-gradient estimate and (if finite) one Adam step; returns the metrics row."""
+        t0 = time.perf_counter()
+        est = self.estimator.estimate()
+        grad = self.reduce(est.grad)
+        loss = float(self.reduce(torch.tensor([est.meta_loss], dtype=torch.float64))[0])
+        norm = float(grad.norm())
+        skipped = not (math.isfinite(norm) and math.isfinite(loss))
+        if skipped:
+            self.skipped += 1
+        else:
+            scale = min(1.0, self.cfg.clip_norm / (norm + 1e-12))
+            k = 0
+            for p in self.params:
+                n = p.numel()
+                p.grad = (grad[k:k + n] * scale).view_as(p).to(p.dtype)
+                k += n
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "meta_loss": loss, "grad_norm": norm, "skipped": skipped,
+                "skipped_total": self.skipped, "resets": est.resets, "finished": est.finished,
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+    def validate(self) -> dict[str, float]:
+        return meta_validate(self.rule, self.update, self.valid_specs, self.cfg.eval_horizon, self.cfg.val_examples)
+
+    def run(self, progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+        """Run until ``cfg.outer_steps``; Ctrl-C saves a checkpoint before returning."""
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        interrupted = False
+        if self.step == 0 and self.is_writer:
+            self._validate_and_keep(initial=True)
+        bar = tqdm(total=self.cfg.outer_steps, initial=self.step, disable=not progress, desc="meta-train",
+                   unit="step", dynamic_ncols=True)
+        try:
+            while self.step < self.cfg.outer_steps:
+                row = self.outer_step()
+                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.outer_steps:
+                    row.update(self._validate_and_keep())
+                self._log(row)
+                if on_step:
+                    on_step(row)
+                bar.update(1)
+                bar.set_postfix(meta_loss=f"{row['meta_loss']:.3f}", skipped=self.skipped)
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.outer_steps:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.save()
+        finally:
+            bar.close()
+        return RunSummary(self.out, self.step, self.skipped, self.best_score, interrupted,
+                          time.perf_counter() - start)
+
+    def _validate_and_keep(self, initial: bool = False) -> dict[str, Any]:
+        scores = self.validate()
+        score = 0.5 * (scores["valid_log_loss_T"] + scores["valid_log_loss_2T"])
+        best = score < self.best_score
+        if best:
+            self.best_score = score
+            if self.is_writer:
+                save_rule(self.out / "best.pt", self.rule, self.update, {**self._provenance(), **scores})
+        if initial:
+            self._log({"step": 0, "meta_loss": math.nan, "grad_norm": math.nan, "skipped": False,
+                       "skipped_total": 0, "resets": 0, "finished": 0, "seconds": 0.0, **scores, "best": best})
+        return {**scores, "best": best}
+
+
+def _as_tuple(x: Any) -> Any:
+    if isinstance(x, list):
+        return tuple(_as_tuple(v) for v in x)
+    return x

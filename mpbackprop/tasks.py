@@ -1,0 +1,292 @@
+"""Tasks and task families (method.md §4): dataset × architecture × init seed × batch size.
+
+Datasets ship offline: scikit-learn's digits (8×8, also as 1×8×8 images), wine, breast
+cancer and iris, plus synthetic Gaussian mixtures, two moons and teacher–student
+regression generated from a seed. Nothing is downloaded.
+
+A :class:`TaskFamily` samples :class:`TaskSpec` s for three disjoint task sets —
+``train`` (meta-training), ``valid`` (checkpoint choice) and ``heldout`` (evaluation
+only) — that never share an initialisation or data seed (each set draws its seeds from
+its own range), so a held-out task is never seen in meta-training.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .network import CompiledNetwork, compile
+
+__all__ = ["TaskSpec", "Task", "TaskFamily", "FAMILIES", "get_family", "DATASETS", "load_dataset"]
+
+SPLITS = ("train", "valid", "heldout")
+_SEED_BASE = {"train": 0, "valid": 1_000_003, "heldout": 2_000_003}
+_SEED_SPAN = 1_000_000
+
+_ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU,
+         "leaky_relu": nn.LeakyReLU, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
+
+
+@dataclass
+class Dataset:
+    """Standardised arrays: ``x`` float32 ``(n, *shape)``, ``y`` int64 class ids or float32 targets."""
+
+    name: str
+    x: Tensor
+    y: Tensor
+    kind: str  # "classification" or "regression"
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.y.max()) + 1 if self.kind == "classification" else int(self.y.shape[1])
+
+
+def _sk(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets as skd
+
+    loader = {"digits": skd.load_digits, "wine": skd.load_wine, "breast_cancer": skd.load_breast_cancer,
+              "iris": skd.load_iris}[name]
+    x, y = loader(return_X_y=True)
+    return x.astype(np.float64), y.astype(np.int64)
+
+
+def _gauss_mixture(seed: int, n: int = 1200, dim: int = 10, classes: int = 4, spread: float = 1.3):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes * 2, dim)) * spread  # two modes per class: not linearly separable
+    labels = rng.integers(0, classes * 2, size=n)
+    x = centers[labels] + rng.normal(size=(n, dim))
+    return x, (labels % classes).astype(np.int64)
+
+
+def _moons(seed: int, n: int = 1000):
+    from sklearn.datasets import make_moons
+
+    return make_moons(n_samples=n, noise=0.2, random_state=seed)
+
+
+def _teacher(seed: int, n: int = 1200, dim: int = 8, out: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    w1 = torch.randn(dim, 32, generator=gen, dtype=torch.float64) / math.sqrt(dim)
+    w2 = torch.randn(32, out, generator=gen, dtype=torch.float64) / math.sqrt(32)
+    y = torch.tanh(x @ w1 * 2) @ w2
+    y = y + 0.05 * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    return x.numpy(), y.numpy()
+
+
+#: Dataset name → (per-sample input shape, kind).
+DATASETS: dict[str, tuple[tuple[int, ...], str]] = {
+    "digits": ((64,), "classification"),
+    "digits-image": ((1, 8, 8), "classification"),
+    "wine": ((13,), "classification"),
+    "breast_cancer": ((30,), "classification"),
+    "iris": ((4,), "classification"),
+    "gauss": ((10,), "classification"),
+    "moons": ((2,), "classification"),
+    "teacher": ((8,), "regression"),
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name in ("digits", "digits-image"):
+        return _sk("digits")
+    if name in ("wine", "breast_cancer", "iris"):
+        return _sk(name)
+    if name == "gauss":
+        return _gauss_mixture(7)
+    if name == "moons":
+        return _moons(7)
+    if name == "teacher":
+        return _teacher(7)
+    raise KeyError(name)
+
+
+@functools.lru_cache(maxsize=256)
+def load_dataset(name: str, split_seed: int, valid_fraction: float = 0.3) -> tuple[Dataset, Dataset]:
+    """Train and validation splits of ``name``, split by ``split_seed``, standardised on train."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    shape, kind = DATASETS[name]
+    x, y = _raw(name)
+    perm = np.random.default_rng(split_seed).permutation(len(x))
+    n_val = int(round(len(x) * valid_fraction))
+    tr, va = perm[n_val:], perm[:n_val]
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    std[std < 1e-8] = 1.0
+    xs = ((x - mean) / std).astype(np.float32)
+    if kind == "regression":
+        ys = torch.tensor(y, dtype=torch.float32)
+    else:
+        ys = torch.tensor(y, dtype=torch.int64)
+    xt = torch.tensor(xs).reshape(len(x), *shape)
+    return (Dataset(name, xt[tr], ys[tr], kind), Dataset(name, xt[va], ys[va], kind))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One inner problem. ``widths`` are hidden widths (MLP) or channels (conv)."""
+
+    dataset: str = "digits"
+    arch: str = "mlp"
+    widths: tuple[int, ...] = (32,)
+    activation: str = "relu"
+    batch_size: int = 32
+    init_seed: int = 0
+    data_seed: int = 0
+
+    @property
+    def name(self) -> str:
+        w = "-".join(map(str, self.widths))
+        return f"{self.dataset}/{self.arch}-{w}-{self.activation}/b{self.batch_size}/s{self.init_seed}"
+
+    @property
+    def loss(self) -> str:
+        return "mse" if DATASETS[self.dataset][1] == "regression" else "cross_entropy"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TaskSpec":
+        return cls(**{**d, "widths": tuple(d["widths"])})
+
+    def build_model(self, num_outputs: int) -> nn.Module:
+        """The target network, initialised from ``init_seed`` (PyTorch's default initialisation)."""
+        shape = DATASETS[self.dataset][0]
+        act = _ACTS[self.activation]
+        torch.manual_seed(self.init_seed)
+        layers: list[nn.Module] = []
+        if self.arch == "mlp":
+            width = math.prod(shape)
+            if len(shape) > 1:
+                layers.append(nn.Flatten())
+            for h in self.widths:
+                layers += [nn.Linear(width, h), act()]
+                width = h
+            layers.append(nn.Linear(width, num_outputs))
+        elif self.arch == "conv":
+            ch, hw = shape[0], shape[1:]
+            for c in self.widths:
+                layers += [nn.Conv2d(ch, c, 3, padding=1), act(), nn.AvgPool2d(2)]
+                ch, hw = c, (hw[0] // 2, hw[1] // 2)
+            layers += [nn.Flatten(), nn.Linear(ch * hw[0] * hw[1], num_outputs)]
+        else:
+            raise ValueError(f"unknown arch {self.arch!r}")
+        return nn.Sequential(*layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(dataset: str, arch: str, widths: tuple[int, ...], activation: str, n_out: int) -> CompiledNetwork:
+    spec = TaskSpec(dataset, arch, widths, activation)
+    return compile(spec.build_model(n_out), DATASETS[dataset][0])
+
+
+class Task:
+    """A :class:`TaskSpec` made concrete: compiled network, initial parameters, data, batches."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.train, self.valid = load_dataset(spec.dataset, spec.data_seed)
+        n_out = self.train.num_outputs if self.train.kind == "classification" else self.train.y.shape[1]
+        self.num_outputs = n_out
+        # the graph depends on the architecture only: share it between tasks
+        self.net = _compiled(spec.dataset, spec.arch, spec.widths, spec.activation, n_out)
+        self.theta0 = self.net.values_of(spec.build_model(n_out))
+
+    @property
+    def loss(self) -> str:
+        return self.spec.loss
+
+    def batch_generator(self, stream: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.spec.data_seed * 7919 + stream)
+
+    def batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, self.train.x.shape[0], (self.spec.batch_size,), generator=gen)
+        return self.train.x[idx], self.train.y[idx]
+
+    def evaluate(self, theta: Tensor, max_examples: int | None = None) -> tuple[Tensor, Tensor]:
+        """Validation ``(loss, accuracy)`` at ``theta`` (accuracy NaN for regression); differentiable."""
+        from .losses import resolve_loss
+
+        x, y = self.valid.x, self.valid.y
+        if max_examples is not None:
+            x, y = x[:max_examples], y[:max_examples]
+        out = self.net(x.to(theta.dtype), theta)
+        loss = resolve_loss(self.loss)(out, y.to(theta.dtype) if self.train.kind == "regression" else y)
+        if self.train.kind == "classification":
+            acc = (out.argmax(1) == y).to(theta.dtype).mean()
+        else:
+            acc = torch.tensor(float("nan"))
+        return loss, acc
+
+
+@dataclass
+class TaskFamily:
+    """A sampler over datasets, architectures, activations, batch sizes and seeds."""
+
+    name: str
+    datasets: tuple[str, ...]
+    arch: str = "mlp"
+    widths: tuple[tuple[int, ...], ...] = ((32,), (64,))
+    activations: tuple[str, ...] = ("relu",)
+    batch_sizes: tuple[int, ...] = (32,)
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sample(self, rng: random.Random, split: str) -> TaskSpec:
+        """A task of ``split`` (``train``/``valid``/``heldout``), drawn with ``rng``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        base = _SEED_BASE[split]
+        return TaskSpec(
+            dataset=rng.choice(self.datasets),
+            arch=self.arch,
+            widths=tuple(rng.choice(self.widths)),
+            activation=rng.choice(self.activations),
+            batch_size=rng.choice(self.batch_sizes),
+            init_seed=base + rng.randrange(_SEED_SPAN),
+            data_seed=base + rng.randrange(_SEED_SPAN),
+        )
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[TaskSpec]:
+        """A fixed list of ``n`` tasks of ``split`` (same ``seed`` → same list)."""
+        rng = random.Random(f"{self.name}/{split}/{seed}")
+        return [self.sample(rng, split) for _ in range(n)]
+
+    def with_(self, **changes: Any) -> "TaskFamily":
+        return replace(self, **changes)
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    f.name: f
+    for f in [
+        TaskFamily("digits-mlp", ("digits",), "mlp", ((32,), (64,), (32, 32)), ("relu", "tanh"), (16, 32),
+                   "scikit-learn digits, MLP 64-h(-h)-10, small batches"),
+        TaskFamily("tabular-mlp", ("wine", "breast_cancer", "iris"), "mlp", ((16,), (32,), (16, 16)),
+                   ("relu", "tanh"), (8, 16), "wine / breast cancer / iris, small MLPs"),
+        TaskFamily("synthetic", ("gauss", "moons", "teacher"), "mlp", ((32,), (32, 32)), ("relu", "tanh", "gelu"),
+                   (16, 32), "Gaussian mixtures, two moons, teacher-student regression"),
+        TaskFamily("mixed", ("digits", "wine", "breast_cancer", "gauss", "moons", "teacher"), "mlp",
+                   ((32,), (64,), (32, 32)), ("relu", "tanh"), (16, 32), "all of the above"),
+        TaskFamily("digits-conv", ("digits-image",), "conv", ((4,), (8,), (4, 8)), ("relu", "tanh"), (16, 32),
+                   "digits as 1x8x8 images, Conv3x3-AvgPool stacks"),
+    ]
+}
+
+
+def get_family(name: str) -> TaskFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown task family {name!r}; known: {', '.join(FAMILIES)}") from None
