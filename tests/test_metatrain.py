@@ -1,0 +1,163 @@
+"""Meta-training: reproducibility, exact resume, interruption, skipping non-finite steps, file safety."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from mpbackprop.errors import GraphFileError
+from mpbackprop.metatrain import MetaConfig, MetaTrainer
+from mpbackprop.metatrain.estimators import Estimate
+from mpbackprop.metatrain.inner import step_weight
+from mpbackprop.rules import load_rule
+from mpbackprop.tasks import FAMILIES, SPLITS, Task, load_dataset
+
+TINY = dict(family="tabular-mlp", outer_steps=4, unroll=(6, 10), truncation=3, tasks_per_step=2, eval_every=2,
+            eval_tasks=1, eval_horizon=5, checkpoint_every=1, val_examples=32, state_dim=2, hidden=4)
+
+
+def _metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "es", "pes"])
+def test_same_seed_same_metrics(tmp_path, estimator):
+    cfg = MetaConfig(**TINY, estimator=estimator, es_pairs=2)
+    MetaTrainer(cfg, tmp_path / "a").run(progress=False)
+    MetaTrainer(cfg, tmp_path / "b").run(progress=False)
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert len(a) == cfg.outer_steps + 1
+    assert _strip(a) == _strip(b)
+    assert all(math.isfinite(r["meta_loss"]) for r in a[1:])
+    c = MetaTrainer(cfg.replace(seed=1), tmp_path / "c")
+    c.run(progress=False)
+    assert _strip(_metrics(tmp_path / "c")) != _strip(a)
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_resume_continues_exactly(tmp_path, estimator):
+    cfg = MetaConfig(**TINY, estimator=estimator, es_pairs=2)
+    MetaTrainer(cfg, tmp_path / "full").run(progress=False)
+    MetaTrainer(cfg.replace(outer_steps=2), tmp_path / "split").run(progress=False)
+    MetaTrainer(cfg, tmp_path / "split", resume=True).run(progress=False)
+    assert _strip(_metrics(tmp_path / "split")) == _strip(_metrics(tmp_path / "full"))
+    r1, _, _ = load_rule(tmp_path / "full" / "rule.pt")
+    r2, _, _ = load_rule(tmp_path / "split" / "rule.pt")
+    for a, b in zip(r1.state_dict().values(), r2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ctrl_c_saves_and_resume_finishes(tmp_path):
+    cfg = MetaConfig(**{**TINY, "checkpoint_every": 100})
+
+    def interrupt(row):
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    summary = MetaTrainer(cfg, tmp_path).run(progress=False, on_step=interrupt)
+    assert summary.interrupted and summary.steps == 2
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    for name in ("config.json", "rule.pt", "best.pt", "metrics.jsonl", "meta_loss.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0
+    summary = MetaTrainer(cfg, tmp_path, resume=True).run(progress=False)
+    assert summary.steps == cfg.outer_steps and not summary.interrupted
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    cfg = MetaConfig(**TINY)
+    trainer = MetaTrainer(cfg, tmp_path)
+    real = trainer.estimator.estimate
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        est = real()
+        if calls["n"] == 2:
+            return Estimate(est.grad * float("nan"), est.meta_loss)
+        if calls["n"] == 3:
+            return Estimate(est.grad, float("inf"))
+        return est
+
+    monkeypatch.setattr(trainer.estimator, "estimate", flaky)
+    before = None
+    rows = []
+
+    def record(row):
+        nonlocal before
+        rows.append((row, [p.detach().clone() for p in trainer.params]))
+
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.run(progress=False, on_step=record)
+    assert [r["skipped"] for r, _ in rows] == [False, True, True, False]
+    assert rows[-1][0]["skipped_total"] == 2
+    # a skipped step leaves the meta-parameters as they were
+    for a, b in zip(rows[0][1], rows[2][1]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(before, rows[0][1]))
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_corrupt_or_foreign_state_is_refused(tmp_path):
+    cfg = MetaConfig(**{**TINY, "outer_steps": 1})
+    MetaTrainer(cfg, tmp_path).run(progress=False)
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(GraphFileError):
+        MetaTrainer(cfg, tmp_path, resume=True)
+    torch.save({"format": "something-else"}, tmp_path / "state.pt")
+    with pytest.raises(GraphFileError):
+        MetaTrainer(cfg, tmp_path, resume=True)
+    with pytest.raises(GraphFileError):
+        MetaTrainer(cfg, tmp_path / "empty", resume=True)
+
+
+def test_objective_weights():
+    for objective in ("mean", "final", "mixed"):
+        total = sum(step_weight(t, 50, objective, 0.5) for t in range(50))
+        assert total == pytest.approx(1.0)
+    assert step_weight(49, 50, "final", 0.5) == 1.0 and step_weight(10, 50, "final", 0.5) == 0.0
+    assert step_weight(49, 50, "mixed", 0.5) > 20 * step_weight(10, 50, "mixed", 0.5)
+
+
+def test_config_validation_and_json_round_trip(tmp_path):
+    cfg = MetaConfig(**TINY)
+    assert MetaConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    with pytest.raises(ValueError, match="estimator"):
+        MetaConfig(estimator="sgd")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        MetaConfig.from_json({"famliy": "x"})
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_task_sets_are_disjoint_and_tasks_build(name):
+    fam = FAMILIES[name]
+    sets = {split: fam.tasks(split, 20, seed=0) for split in SPLITS}
+    seeds = {split: {(t.init_seed, t.data_seed) for t in specs} for split, specs in sets.items()}
+    assert not seeds["train"] & seeds["valid"] and not seeds["train"] & seeds["heldout"]
+    assert not seeds["valid"] & seeds["heldout"]
+    inits = {split: {t.init_seed for t in specs} for split, specs in sets.items()}
+    assert not inits["train"] & inits["heldout"]
+    assert fam.tasks("heldout", 5, seed=0) == sets["heldout"][:5]
+    task = Task(sets["train"][0])
+    x, y = task.batch(task.batch_generator())
+    assert x.shape[0] == task.spec.batch_size
+    loss, _ = task.evaluate(task.theta0)
+    assert math.isfinite(float(loss))
+
+
+def test_datasets_are_standardised_and_split_by_seed():
+    tr, va = load_dataset("wine", 3)
+    assert abs(float(tr.x.mean())) < 1e-5 and abs(float(tr.x.std()) - 1) < 0.05
+    tr2, va2 = load_dataset("wine", 4)
+    assert not torch.equal(va.x, va2.x)
+    assert tr.x.shape[0] + va.x.shape[0] == 178
+    rng = random.Random(0)
+    assert FAMILIES["digits-mlp"].sample(rng, "train").dataset == "digits"
