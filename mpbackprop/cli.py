@@ -11,7 +11,8 @@ file, or bad command-line input prints one line ``Error: ...`` on stderr and exi
 ``--debug`` prints the traceback instead. An unexpected exception (a bug) prints one line
 and exits 1. New subcommands get this by decorating their callback with
 :func:`report_errors` (below ``@main.command()``) and raising :class:`CLIError` (or a
-library error) for refusals of their own.
+library error) for refusals of their own. Callbacks return None: like click's own
+non-standalone ``main``, the group turns an ``int`` return value into the exit status.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def report_errors(func: F) -> F:
             raise
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BrokenPipeError):  # click's main handles both
             raise
         except MPBackpropError as exc:
             _fail(exc, _one_line(str(exc)) or type(exc).__name__, 2)
@@ -182,7 +183,9 @@ def main(ctx: click.Context, seed: int, debug: bool) -> None:
     """mpbackprop: learn the backward pass by message passing on DGL heterographs.
 
     Compile a PyTorch network into a neuron/param heterograph and inspect it.
-    Errors print one line and exit with status 2.
+    Errors print one line and exit with status 2 (--debug: the traceback).
+    Options may also come from environment variables: MPBACKPROP_SEED, MPBACKPROP_DEBUG,
+    MPBACKPROP_<COMMAND>_<OPTION> (e.g. MPBACKPROP_COMPILE_FORMAT=json).
     """
     import torch
 
@@ -198,6 +201,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -294,7 +300,7 @@ MODEL defines `model` (a torch.nn.Module) or `build_model()` returning one, and 
 the per-sample input shape without the batch axis (or pass --input-shape).
 
 \b
-Formats (default: from OUT's extension, else dgl):
+Formats (default: from the --output extension, else dgl):
   dgl      the graph and its layer metadata in one DGL file (.bin); read it back with
            mpbackprop.load(path) or `mpbackprop inspect`.
   graphml  networkx.write_graphml of CompiledNetwork.to_networkx(): nodes n<i> (neuron) and
@@ -313,23 +319,24 @@ Formats (default: from OUT's extension, else dgl):
 
 @main.command("compile", help=_FORMAT_HELP, short_help="Compile MODEL.py into a graph file.")
 @click.argument("model_path", metavar="MODEL", type=_EXISTING_FILE)
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file [default: ./<MODEL stem><format extension>].")
 @click.option("--input-shape", type=ShapeParam(), default=None,
               help="Per-sample input shape such as 1,8,8; overrides the file's INPUT_SHAPE.")
 @click.option("--attr", default=None, metavar="NAME",
               help="Take the network from NAME (a module or a zero-argument builder) instead of "
                    "model/build_model.")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
+@click.option("--format", "format_", envvar="MPBACKPROP_COMPILE_FORMAT", type=click.Choice(list(FORMATS)), default=None,
               help="Output format (see above).")
 @report_errors
-def compile_cmd(model_path: Path, out: Path | None, input_shape: tuple[int, ...] | None, attr: str | None,
-                fmt: str | None) -> None:
+def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, ...] | None, attr: str | None,
+                format_: str | None) -> None:
     import networkx as nx
 
     import mpbackprop
     from .modelfile import load_model
 
+    out, fmt = output, format_
     if fmt is None:
         suffix = out.suffix.lower() if out is not None else ""
         fmt = next((name for name, ext in FORMATS.items() if ext == suffix), "dgl")
@@ -384,6 +391,20 @@ def format_table(headers: list[str], rows: list[list[Any]], right: set[int] | No
     return lines
 
 
+_ETYPE_RANK = {"in": 0, "out": 1, "bias": 2, "fixed": 3}
+
+
+def _etype_order(item: tuple[str, int]) -> tuple[Any, ...]:
+    """Sort ``src:etype:dst`` keys by layer, then in/out/bias/fixed, forward before reverse."""
+    etype = item[0].split(":")[1]
+    parts = etype.split("_")
+    rev = parts[-1] == "rev"
+    if rev:
+        parts = parts[:-1]
+    layer = int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else -1
+    return (layer, _ETYPE_RANK.get(parts[0], 9), rev, item[0])
+
+
 def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
     """The text ``mpbackprop inspect`` prints for a ``CompiledNetwork.summary()``."""
     layers = summary["layers"]
@@ -399,7 +420,7 @@ def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
         ["type", "count"], [[k, v] for k, v in summary["num_nodes"].items()], right={1})]
     out.append("")
     out.append("edges:")
-    edge_rows = [[k, v] for k, v in summary["num_edges"].items()]
+    edge_rows = [[k, v] for k, v in sorted(summary["num_edges"].items(), key=_etype_order)]
     edge_rows.append(["total", sum(summary["num_edges"].values())])
     out += ["  " + ln for ln in format_table(["canonical edge type", "count"], edge_rows, right={1})]
     out.append("")
@@ -413,9 +434,9 @@ def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
     return out
 
 
-@main.command("inspect")
+@main.command("inspect", short_help="Describe a compiled graph file.")
 @click.argument("file", type=_EXISTING_FILE)
-@click.option("--json", "as_json", is_flag=True, default=False,
+@click.option("--json", "as_json", envvar="MPBACKPROP_INSPECT_JSON", is_flag=True, default=False,
               help="Print CompiledNetwork.summary() as JSON (num_nodes, num_edges, layers, ...).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.png",
               help="Also draw the network (neurons in columns by layer, weights as coloured edges).")

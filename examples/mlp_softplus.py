@@ -1,0 +1,15 @@
+"""A tiny 16-16-8-4 MLP with Softplus (beta 2) activations."""
+
+import torch.nn as nn
+
+INPUT_SHAPE = (16,)
+
+
+def build_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(16, 16),
+        nn.Softplus(beta=2.0),
+        nn.Linear(16, 8),
+        nn.Softplus(beta=2.0),
+        nn.Linear(8, 4),
+    )
