@@ -17,11 +17,10 @@ non-standalone ``main``, the group turns an ``int`` return value into the exit s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import os
 import sys
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -32,7 +31,8 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__
-from .errors import MPBackpropError, ModelFileError
+from ._io import atomic_write
+from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
 
 __all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS"]
 
@@ -173,6 +173,15 @@ class ShapeParam(click.ParamType):
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+@contextlib.contextmanager
+def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
+    """Prefix compiler errors with the model file and input shape they concern."""
+    try:
+        yield
+    except (UnsupportedOpError, ShapeError) as exc:
+        raise type(exc)(f"{model_path} (input shape {_shape_text(shape)}): {exc}") from exc
+
+
 # ----------------------------------------------------------------------------- group
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", "-V", prog_name="mpbackprop")
@@ -194,20 +203,7 @@ def main(ctx: click.Context, seed: int, debug: bool) -> None:
 
 
 # --------------------------------------------------------------------------- compile
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` and move ``tmp`` to ``path``: a failure leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
 
 
 def _graphml_value(value: Any) -> Any:
@@ -347,7 +343,8 @@ def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, .
 
     model, shape = load_model(model_path, attr=attr, input_shape=input_shape)
     start = time.perf_counter()
-    net = mpbackprop.compile(model, shape)
+    with _about(model_path, shape):
+        net = mpbackprop.compile(model, shape)
     elapsed = time.perf_counter() - start
     summary = net.summary()
 
@@ -355,14 +352,14 @@ def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, .
         net.save(out)
     elif fmt == "graphml":
         G = networkx_for_export(net, str(model_path))
-        _atomic_write(out, lambda tmp: nx.write_graphml(G, tmp))
+        atomic_write(out, lambda tmp: nx.write_graphml(G, tmp))
     else:
         doc = json_document(net, str(model_path))
 
         def _dump(tmp: str) -> None:
             with open(tmp, "w") as fh:
                 json.dump(doc, fh)
-        _atomic_write(out, _dump)
+        atomic_write(out, _dump)
 
     total, n_types, uses, bias, fixed = _edge_breakdown(summary)
     kinds = Counter(layer.kind for layer in net.layers[1:])
@@ -467,6 +464,138 @@ def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) ->
         plot_network(net, plot, max_nodes=max_nodes, title=file.stem)
         # with --json, stdout stays pure JSON
         click.echo(f"wrote: {plot}", err=as_json)
+
+
+
+# ---------------------------------------------------------------------------- verify
+@main.command("verify", short_help="Check the engine against autograd on MODEL.py.")
+@click.argument("model_path", metavar="MODEL", type=_EXISTING_FILE)
+@click.option("--input-shape", type=ShapeParam(), default=None, help="Per-sample input shape (overrides INPUT_SHAPE).")
+@click.option("--attr", default=None, metavar="NAME", help="Take the network from NAME instead of model/build_model.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, help="Random batch size.")
+@click.option("--rule", type=click.Choice(["exact", "fa"]), default="exact",
+              help="exact: compare with autograd; fa: with autograd through fixed feedback weights.")
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
+              help="float64: max abs error <= 1e-10; float32: max relative error <= 1e-4.")
+@click.option("--loss", type=click.Choice(["auto", "cross_entropy", "mse"]), default="auto",
+              help="auto: cross-entropy for several outputs, MSE for one.")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help='Print {"ok", "max_abs_err", "max_rel_err", "layers": [...], ...}.')
+@click.pass_context
+@report_errors
+def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...] | None, attr: str | None,
+               batch: int, rule: str, dtype: str, loss: str, as_json: bool) -> None:
+    """Compile MODEL, run the engine's backward pass and the reference on one random batch,
+    and compare the per-parameter signals layer by layer.
+
+    Exit status 0 when every layer is within tolerance, 1 when not, 2 on bad input.
+    """
+    import torch
+
+    from .modelfile import load_model
+    from .verify import verify
+
+    model, shape = load_model(model_path, attr=attr, input_shape=input_shape)
+    seed = ctx.find_object(CLIState).seed if ctx.find_object(CLIState) else 0
+    with _about(model_path, shape):
+        report = verify(model, shape, batch=batch, rule=rule, dtype=getattr(torch, dtype), seed=seed,
+                        loss=None if loss == "auto" else loss)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(f"{model_path}: rule {rule}, {dtype}, batch {batch}, loss {report.loss}")
+        rows = [[r["layer"], r["name"], r["kind"], r["params"], f"{r['max_abs_err']:.3e}", f"{r['max_rel_err']:.3e}",
+                 "ok" if r["ok"] else "FAIL"] for r in report.layers]
+        for line in format_table(["layer", "name", "kind", "params", "max abs err", "max rel err", ""], rows,
+                                 right={0, 3, 4, 5}):
+            click.echo("  " + line)
+        verdict = "OK" if report.ok else "FAILED"
+        click.echo(f"{verdict}: max abs error {report.max_abs_err:.3e}, max relative error {report.max_rel_err:.3e}")
+    if not report.ok:
+        _exit(1)
+
+
+# ------------------------------------------------------------------------ meta-train
+def _range_param(text: str) -> tuple[int, int]:
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected T or LO,HI (integers)") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or values[0] < 1 or values[0] > values[1]:
+        raise click.BadParameter(f"{text!r}: expected T or LO,HI with 1 <= LO <= HI")
+    return values[0], values[1]
+
+
+@main.command("meta-train", short_help="Meta-train a learned rule on a task family.")
+@click.option("--config", "config_path", type=_EXISTING_FILE, default=None,
+              help="JSON file of MetaConfig fields; flags given on the command line win.")
+@click.option("--family", default=None, help="Task family: digits-mlp, tabular-mlp, synthetic, mixed, digits-conv.")
+@click.option("--estimator", type=click.Choice(["tbptt", "es", "pes"]), default=None,
+              help="Meta-gradient estimator [default: tbptt].")
+@click.option("--outer-steps", type=click.IntRange(min=0), default=None, help="Outer steps [default: 250].")
+@click.option("--unroll", default=None, metavar="T|LO,HI", help="Inner horizon, or a range sampled log-uniformly.")
+@click.option("--truncation", type=click.IntRange(min=1), default=None, help="Inner steps per truncation K.")
+@click.option("--tasks-per-step", type=click.IntRange(min=1), default=None, help="Tasks averaged per outer step.")
+@click.option("--objective", type=click.Choice(["mean", "final", "mixed"]), default=None,
+              help="Weights of the validation loss over the unroll.")
+@click.option("--backward-init", type=click.Choice(["backprop", "feedback"]), default=None,
+              help="Start the learned backward at exact backprop or at feedback alignment.")
+@click.option("--update-init", type=click.Choice(["adam", "scratch"]), default=None,
+              help="Start the learned update at Adam or from scratch.")
+@click.option("--meta-lr", type=float, default=None, help="Outer Adam learning rate.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory [default: runs/<family>-<estimator>-s<seed>].")
+@click.option("--resume", is_flag=True, default=False, help="Continue the run in --out where it stopped.")
+@click.option("--threads", type=click.IntRange(min=1), default=1,
+              help="torch threads (tiny target networks run fastest on one).")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.pass_context
+@report_errors
+def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | None, resume: bool, threads: int,
+                   progress: bool, **flags: Any) -> None:
+    """Meta-train the learned backward + update rule (method.md §4).
+
+    With no options: the embedded default (digits-mlp, truncated backprop). Writes config.json,
+    rule.pt (latest), best.pt (best on meta-validation tasks), state.pt, metrics.jsonl and
+    meta_loss.png to the run directory. Ctrl-C saves a checkpoint; --resume continues it.
+    """
+    import torch
+
+    from .metatrain import MetaConfig, MetaTrainer
+
+    torch.set_num_threads(threads)
+    base = MetaConfig.load(config_path) if config_path else MetaConfig()
+    if flags.get("unroll") is not None:
+        flags["unroll"] = _range_param(flags["unroll"])
+    parent = ctx.parent
+    if parent is not None and parent.get_parameter_source("seed") not in (None, click.core.ParameterSource.DEFAULT):
+        flags["seed"] = parent.params["seed"]
+    try:
+        cfg = base.replace(**flags)
+        if flags.get("family") is not None:
+            from .tasks import get_family
+
+            get_family(cfg.family)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    out = out or Path("runs") / f"{cfg.family}-{cfg.estimator}-s{cfg.seed}"
+    trainer = MetaTrainer(cfg, out, resume=resume)
+    cfg = trainer.cfg
+    click.echo(f"meta-training {cfg.family} with {cfg.estimator}: {cfg.outer_steps} outer steps, "
+               f"{cfg.tasks_per_step} tasks x {cfg.truncation} inner steps, unroll {cfg.unroll[0]}-{cfg.unroll[1]}"
+               + (f" (resuming at step {trainer.step})" if resume else ""), err=True)
+    summary = trainer.run(progress=progress)
+    click.echo(f"results in {out}/: rule.pt (latest), best.pt (best meta-validation score "
+               f"{summary.best_score:.4f}), metrics.jsonl, meta_loss.png, config.json")
+    click.echo(f"outer steps: {summary.steps}, skipped (non-finite): {summary.skipped}, "
+               f"time: {summary.seconds:.0f} s")
+    if summary.interrupted:
+        click.echo(f"interrupted: checkpoint saved; continue with: mpbackprop meta-train --out {out} --resume",
+                   err=True)
+        _exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -70,6 +71,7 @@ class Trace:
     values: Tensor  # flat parameter values in param-node order
     input_shape: tuple[int, ...]
     output_layer: int
+    output_shape: tuple[int, ...] | None = None  # the view the module returns (flatten/view of the block)
 
 
 @dataclass
@@ -140,18 +142,35 @@ class _Tracer(torch.fx.Tracer):
         self.record_stack_traces = True
 
 
+#: Frames under these directories are library code, never the user's (compared by real path,
+#: so a user project in a folder that happens to be called ``torch`` or ``mpbackprop`` still counts).
+_TORCH_DIR = os.path.join(os.path.realpath(os.path.dirname(torch.__file__)), "")
+_PACKAGE_DIR = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
+
+
 def _user_frame(tb_text: str) -> str:
-    """Pick ``file:line`` of the innermost frame that is not inside torch."""
+    """Pick ``file:line`` of the innermost frame of the traced model's own code.
+
+    Frames are listed outermost first: whoever called the compiler (a script, click), then
+    mpbackprop, then torch.fx, then the model's ``forward``. Only frames *after* the last
+    mpbackprop frame belong to the model; torch's own frames are skipped. No such frame (a
+    layer inside ``nn.Sequential``) gives ``""``: the module path then says where it is.
+    """
     where = ""
     for line in tb_text.splitlines():
         line = line.strip()
-        if line.startswith('File "') and "/torch/" not in line and "/mpbackprop/" not in line:
-            try:
-                fname = line.split('"')[1].rsplit("/", 1)[-1]
-                lineno = line.split("line ")[1].split(",")[0]
-                where = f"{fname}:{lineno}"
-            except IndexError:  # pragma: no cover - unusual traceback text
-                continue
+        if not line.startswith('File "'):
+            continue
+        try:
+            path = line.split('"')[1]
+            lineno = line.split('", line ')[1].split(",")[0]
+        except IndexError:  # pragma: no cover - unusual traceback text
+            continue
+        real = os.path.realpath(path)
+        if real.startswith(_PACKAGE_DIR):
+            where = ""  # everything so far was the compiler's caller
+        elif not real.startswith(_TORCH_DIR):
+            where = f"{os.path.basename(path)}:{lineno}"
     return where
 
 
@@ -200,6 +219,10 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
 class _ShapeRecorder(torch.fx.Interpreter):
     """Runs the traced module once, storing each node's output in ``node.meta['value']``."""
 
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.extra_traceback = False  # keep our one-line ShapeError message as it is
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -211,7 +234,8 @@ class _ShapeRecorder(torch.fx.Interpreter):
 
 
 class _Builder:
-    def __init__(self, gm: torch.fx.GraphModule, root: nn.Module) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, root: nn.Module, wrapped: bool = False) -> None:
+        self.wrapped = wrapped  # root is nn.Sequential(model): module paths lose the leading '0'
         self.gm = gm
         self.root = root
         self.layers: list[Layer] = []
@@ -220,6 +244,13 @@ class _Builder:
         self.num_neurons = 0
         self.num_params = 0
         self.env: dict[torch.fx.Node, Any] = {}
+        self.seen_params: dict[int, str] = {}  # id(parameter) -> module path that used it
+
+    def path(self, target: str) -> str:
+        """Module path in the user's model (undoing the wrapper of a bare layer)."""
+        if not self.wrapped:
+            return target
+        return "" if target == "0" else target[2:]
 
     # ----------------------------------------------------------------- helpers
     def _refuse(self, node: torch.fx.Node, why: str = "") -> UnsupportedOpError:
@@ -270,7 +301,12 @@ class _Builder:
                 p = getattr(module, role, None)
                 if p is None:
                     continue
-                pt = ParamTensor(str(node.target), role, tuple(p.shape), self.num_params, role)
+                if id(p) in self.seen_params:
+                    raise self._refuse(
+                        node, f"its {role} is already used by '{self.seen_params[id(p)]}': a module called more "
+                        "than once or tied weights would need one param node per use")
+                self.seen_params[id(p)] = str(node.target)
+                pt = ParamTensor(self.path(str(node.target)), role, tuple(p.shape), self.num_params, role)
                 self.num_params += pt.numel
                 self.values.append(p.detach().reshape(-1))
                 setattr(layer, role, pt)
@@ -428,12 +464,7 @@ class _Builder:
 
     # --------------------------------------------------------------------- walk
     def run(self) -> Trace:
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedOpError(
-                f"forward of {type(self.root).__name__} takes {len(placeholders)} tensor arguments; "
-                "mpbackprop compiles networks with exactly one input"
-            )
+        _check_single_input(self.gm, self.root)
         output_ref: _Ref | None = None
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -453,7 +484,7 @@ class _Builder:
         if output_ref.block == 0:
             raise UnsupportedOpError("the network has no layer: its output is its input")
         values = torch.cat(self.values) if self.values else torch.zeros(0)
-        return Trace(self.layers, self.edges, values, self.layers[0].shape, output_ref.block)
+        return Trace(self.layers, self.edges, values, self.layers[0].shape, output_ref.block, output_ref.shape)
 
     def _visit(self, node: torch.fx.Node) -> Any:
         if node.op == "get_attr":
@@ -469,9 +500,7 @@ class _Builder:
                                      mod.count_include_pad, mod.divisor_override)
             if type(mod) in _MODULE_ACTS:
                 return self._activation(node, _MODULE_ACTS[type(mod)](mod), node.args[0])
-            if isinstance(mod, nn.Identity):
-                return self._ref(node, node.args[0])
-            if isinstance(mod, nn.Flatten):
+            if isinstance(mod, (nn.Identity, nn.Flatten)):  # re-indexings: same freshness rule
                 return self._reshape(node)
             raise self._refuse(node)
         if node.op == "call_function":
@@ -540,6 +569,18 @@ def _unfold_hw(h: int, w: int, pad: list[int], k: tuple[int, int], stride: Any, 
     return hh, ww
 
 
+def _check_single_input(gm: torch.fx.GraphModule, root: nn.Module) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedOpError(
+            f"forward of {type(root).__name__} takes {len(placeholders)} tensor arguments; "
+            "mpbackprop compiles networks with exactly one input"
+        )
+
+
+_LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.AvgPool2d)
+
+
 def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     """Trace ``model`` on inputs of per-sample shape ``input_shape`` into blocks and edges.
 
@@ -554,8 +595,12 @@ def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
         raise UnsupportedOpError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if any(int(s) <= 0 for s in input_shape):
         raise ShapeError(f"input shape {tuple(input_shape)} has a non-positive dimension")
+    wrapped = isinstance(model, _LEAF_TYPES) or type(model) in _MODULE_ACTS
+    if wrapped:  # torch.fx cannot trace a leaf module as the root: trace nn.Sequential(model)
+        model = nn.Sequential(model)
     gm = symbolic_trace(model)
-    builder = _Builder(gm, model)
+    _check_single_input(gm, model)
+    builder = _Builder(gm, model, wrapped)
     # refuse unsupported operations before running anything
     for node in gm.graph.nodes:
         if node.op == "call_module":

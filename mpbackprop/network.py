@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._io import atomic_write
 from ._quiet import dgl, ops
 from .compiler import trace_module
 from .errors import GraphFileError, ShapeError
@@ -98,14 +98,18 @@ class CompiledNetwork:
         Per-sample input shape.
     output_layer : int
         Index of the block whose values are the network output.
+    output_shape : tuple of int, optional
+        Per-sample shape the module returns: the output block seen through the module's final
+        view/flatten (same number of elements). Defaults to the block's own shape.
     """
 
     def __init__(self, graph: dgl.DGLGraph, layers: list[Layer], input_shape: tuple[int, ...],
-                 output_layer: int) -> None:
+                 output_layer: int, output_shape: tuple[int, ...] | None = None) -> None:
         self.graph = graph
         self.layers = layers
         self.input_shape = tuple(input_shape)
         self.output_layer = output_layer
+        self._output_shape = tuple(output_shape) if output_shape is not None else None
         self._views: list[LayerView | None] | None = None
 
     # ------------------------------------------------------------------ basics
@@ -124,6 +128,9 @@ class CompiledNetwork:
 
     @property
     def output_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the network output, as the module returns it."""
+        if self._output_shape is not None:
+            return self._output_shape
         return self.layers[self.output_layer].shape
 
     @property
@@ -260,6 +267,7 @@ class CompiledNetwork:
             "version": _FORMAT_VERSION,
             "input_shape": list(self.input_shape),
             "output_layer": self.output_layer,
+            "output_shape": list(self.output_shape),
             "layers": [layer.to_json() for layer in self.layers],
         }
 
@@ -273,19 +281,14 @@ class CompiledNetwork:
         path = Path(path)
         meta = json.dumps(self.metadata()).encode()
         labels = {"__mpbackprop__": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+
+        def write(tmp: str) -> None:
             dgl.save_graphs(tmp, [self.graph], labels)
             digest = _file_digest(Path(tmp), os.path.getsize(tmp))
             with open(tmp, "ab") as f:
                 f.write(_FOOTER_MAGIC + digest)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+
+        return atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompiledNetwork":
@@ -310,7 +313,8 @@ class CompiledNetwork:
             raise GraphFileError(f"{path}: its mpbackprop metadata is unreadable ({exc})") from exc
         if meta.get("version", 0) > _FORMAT_VERSION:
             raise GraphFileError(f"{path}: written by a newer mpbackprop (format {meta['version']}); upgrade")
-        return cls(graphs[0], layers, tuple(meta["input_shape"]), int(meta["output_layer"]))
+        return cls(graphs[0], layers, tuple(meta["input_shape"]), int(meta["output_layer"]),
+                   tuple(meta["output_shape"]) if "output_shape" in meta else None)
 
     # ------------------------------------------------------------------ export
     def to_networkx(self):  # -> networkx.MultiDiGraph
@@ -381,7 +385,7 @@ def compile(model: nn.Module, example_input: Tensor | tuple[int, ...]) -> Compil
         shape = tuple(int(s) for s in example_input)
     trace = trace_module(model, shape)
     graph = build_heterograph(trace)
-    return CompiledNetwork(graph, trace.layers, trace.input_shape, trace.output_layer)
+    return CompiledNetwork(graph, trace.layers, trace.input_shape, trace.output_layer, trace.output_shape)
 
 
 def load(path: str | os.PathLike) -> CompiledNetwork:

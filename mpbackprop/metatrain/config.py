@@ -38,7 +38,7 @@ class MetaConfig:
 
     family: str = "digits-mlp"
     estimator: str = "tbptt"
-    outer_steps: int = 300
+    outer_steps: int = 250
     unroll: tuple[int, int] = (60, 120)
     truncation: int = 20
     tasks_per_step: int = 4

@@ -24,7 +24,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._io import atomic_write
 from ..errors import GraphFileError
 from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, UpdateRule, save_rule
 from ..tasks import TaskSpec, get_family
@@ -75,15 +75,7 @@ def _safe_log(x: float) -> float:
     return math.log(x) if math.isfinite(x) and x > 0 else 10.0
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
 
 
 def _git_commit() -> str:
@@ -149,7 +141,7 @@ class MetaTrainer:
         elif self.is_writer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            _atomic_write(self.out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_json(), indent=2)))
+            atomic_write(self.out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_json(), indent=2)))
 
     # ------------------------------------------------------------ checkpoints
     def _provenance(self) -> dict[str, Any]:
@@ -174,7 +166,7 @@ class MetaTrainer:
             "torch_rng": torch.get_rng_state(),
             "estimator": self.estimator.state_dict(),
         }
-        _atomic_write(self.out / "state.pt", lambda p: torch.save(state, p))
+        atomic_write(self.out / "state.pt", lambda p: torch.save(state, p))
         self._plot()
 
     def _load_state(self, path: Path) -> None:
@@ -199,7 +191,7 @@ class MetaTrainer:
             self.history = [l for l in lines if l["step"] <= self.step]
             if self.is_writer:
                 text = "".join(json.dumps(l) + "\n" for l in self.history)
-                _atomic_write(metrics, lambda p: Path(p).write_text(text))
+                atomic_write(metrics, lambda p: Path(p).write_text(text))
 
     def _plot(self) -> None:
         if not self.history:
@@ -225,7 +217,7 @@ class MetaTrainer:
         ax.set_title(f"meta-training {self.cfg.family} ({self.cfg.estimator})")
         ax.legend()
         fig.tight_layout()
-        _atomic_write(self.out / "meta_loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        atomic_write(self.out / "meta_loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)
 
     def _log(self, row: dict[str, Any]) -> None:

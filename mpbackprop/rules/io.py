@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import atomic_write
 from ..errors import GraphFileError
 from .base import BackwardRule, UpdateRule
 from .exact import Exact
@@ -60,16 +60,7 @@ def save_rule(path: str | os.PathLike, backward: BackwardRule, update: UpdateRul
         "update_state": {k: v.detach().clone() for k, v in update.state_dict().items()},
         "meta": json.dumps(meta or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_rule(path: str | os.PathLike) -> tuple[BackwardRule, UpdateRule, dict[str, Any]]:

@@ -186,7 +186,12 @@ class LearnedUpdate(UpdateRule):
         return state
 
     def step(self, ctx: UpdateContext) -> tuple[Tensor, dict[str, Tensor]]:
-        g = ctx.signal[:, 0]
+        signal = ctx.signal
+        if signal.shape[1] < self.signal_dim:  # e.g. exact backprop (1 channel) + this update: missing = 0
+            signal = torch.cat([signal, signal.new_zeros(signal.shape[0], self.signal_dim - signal.shape[1])], 1)
+        elif signal.shape[1] > self.signal_dim:
+            raise ValueError(f"signal has {signal.shape[1]} channels, this update takes {self.signal_dim}")
+        g = signal[:, 0]
         t = ctx.step + 1
         new: dict[str, Tensor] = {}
         moms = []
@@ -198,7 +203,7 @@ class LearnedUpdate(UpdateRule):
         new["v"] = v
         v_hat = v / (1 - 0.999**t)
         rsqrt = 1.0 / (torch.sqrt(v_hat + 1e-30) + 1e-8)  # +1e-30: finite derivative at v = 0
-        raw = torch.stack([*ctx.signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta], dim=1)
+        raw = torch.stack([*signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta], dim=1)
         normed = raw / _per_tensor_rms(raw, ctx.segments, ctx.num_segments)
         time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=raw.dtype)
         feats = torch.cat([normed, time.expand(raw.shape[0], 4)], dim=1)
