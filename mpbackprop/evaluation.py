@@ -330,3 +330,47 @@ def plot_curves(results: list[TaskResult], path: Path, methods: tuple[str, ...] 
     plt.close(fig)
     return path
 
+
+
+def resolve_rule(name: str | Path) -> tuple[BackwardRule, UpdateRule, Path]:
+    """A rule from a meta-training directory (its ``best.pt``), a ``.pt`` file, or ``default``."""
+    from .errors import GraphFileError
+    from .rules import load_rule
+
+    if str(name) == "default":
+        path = Path(__file__).parent / "data" / "default_rule.pt"
+        if not path.is_file():
+            raise GraphFileError("the packaged default rule is missing from this installation")
+    else:
+        path = Path(name)
+        if path.is_dir():
+            path = path / "best.pt" if (path / "best.pt").is_file() else path / "rule.pt"
+        if not path.is_file():
+            raise GraphFileError(f"{name}: no such rule (give a meta-training directory, a .pt file or 'default')")
+    backward, update, _ = load_rule(path)
+    return backward, update, path
+
+
+def format_report(summary: dict[str, Any], methods: tuple[str, ...] = METHODS) -> list[str]:
+    """Text table of a :func:`summarize` report: one block per task, then the average."""
+    lines = []
+
+    def block(title: str, entries: dict[str, Any]) -> None:
+        lines.append(title)
+        head = f"  {'method':<24}{'val loss [95% CI]':>28}{'acc':>7}{'vs adam [95% CI]':>28}{'speedup':>9}{'ms/step':>9}"
+        lines.append(head)
+        for m in methods:
+            e = entries[m]
+            lo, hi = e["val_loss_ci"]
+            diff = e.get("paired_diff_vs_adam")
+            dtxt = f"{diff['mean']:+.4f} [{diff['ci'][0]:+.4f},{diff['ci'][1]:+.4f}]" if diff else ""
+            acc = e["val_acc_mean"]
+            loss = f"{e['val_loss_mean']:.4f} [{lo:.4f},{hi:.4f}]"
+            speed = e.get("speedup_vs_adam", float("nan"))
+            stxt = "<1" if speed == 0.0 else f"{speed:.2f}"  # 0: never reached Adam's loss within T
+            lines.append(f"  {m:<24}{loss:>28}{acc:>7.3f}{dtxt:>28}{stxt:>9}{e['ms_per_step']:>9.2f}")
+
+    for row in summary["tasks"]:
+        block(f"{row['task']}  (T={row['steps']})", row["methods"])
+    block("mean over tasks (speedup: geometric mean)", summary["methods"])
+    return lines
