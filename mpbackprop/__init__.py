@@ -11,7 +11,7 @@ from . import _quiet  # noqa: F401  (sets DGLBACKEND and silences DGL's import c
 from .activations import Activation
 from .errors import GraphFileError, ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
 from .layers import Layer, ParamTensor
-from . import rules
+from . import rules, tasks
 from .network import CompiledNetwork, ForwardRecord, compile, load
 from .trainer import Trainer
 from .verify import verify
@@ -33,6 +33,7 @@ __all__ = [
     "compile",
     "load",
     "rules",
+    "tasks",
     "Trainer",
     "verify",
 ]

@@ -516,7 +516,9 @@ def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...
 
 
 # ------------------------------------------------------------------------ meta-train
-def _range_param(text: str) -> tuple[int, int]:
+def _range_param(ctx: click.Context | None, param: click.Parameter | None, text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
     parts = [p for p in str(text).replace(" ", "").split(",") if p]
     try:
         values = [int(p) for p in parts]
@@ -536,7 +538,7 @@ def _range_param(text: str) -> tuple[int, int]:
 @click.option("--estimator", type=click.Choice(["tbptt", "es", "pes"]), default=None,
               help="Meta-gradient estimator [default: tbptt].")
 @click.option("--outer-steps", type=click.IntRange(min=0), default=None, help="Outer steps [default: 250].")
-@click.option("--unroll", default=None, metavar="T|LO,HI", help="Inner horizon, or a range sampled log-uniformly.")
+@click.option("--unroll", default=None, metavar="T|LO,HI", callback=_range_param, help="Inner horizon, or a range sampled log-uniformly.")
 @click.option("--truncation", type=click.IntRange(min=1), default=None, help="Inner steps per truncation K.")
 @click.option("--tasks-per-step", type=click.IntRange(min=1), default=None, help="Tasks averaged per outer step.")
 @click.option("--objective", type=click.Choice(["mean", "final", "mixed"]), default=None,
@@ -567,9 +569,10 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
     from .metatrain import MetaConfig, MetaTrainer
 
     torch.set_num_threads(threads)
-    base = MetaConfig.load(config_path) if config_path else MetaConfig()
-    if flags.get("unroll") is not None:
-        flags["unroll"] = _range_param(flags["unroll"])
+    try:
+        base = MetaConfig.load(config_path) if config_path else MetaConfig()
+    except (ValueError, TypeError) as exc:  # JSON syntax, unknown keys, bad values
+        raise CLIError(f"{config_path}: not a valid meta-training config ({_one_line(str(exc))})") from None
     parent = ctx.parent
     if parent is not None and parent.get_parameter_source("seed") not in (None, click.core.ParameterSource.DEFAULT):
         flags["seed"] = parent.params["seed"]
