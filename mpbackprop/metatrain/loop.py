@@ -276,6 +276,8 @@ class MetaTrainer:
                 bar.set_postfix(meta_loss=f"{row['meta_loss']:.3f}", skipped=self.skipped)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.outer_steps:
                     self.save()
+            if self.step == 0:  # nothing ran (outer_steps=0): still leave a complete run directory
+                self.save()
         except KeyboardInterrupt:
             interrupted = True
             self.save()
