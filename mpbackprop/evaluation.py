@@ -334,19 +334,9 @@ def plot_curves(results: list[TaskResult], path: Path, methods: tuple[str, ...] 
 
 def resolve_rule(name: str | Path) -> tuple[BackwardRule, UpdateRule, Path]:
     """A rule from a meta-training directory (its ``best.pt``), a ``.pt`` file, or ``default``."""
-    from .errors import GraphFileError
-    from .rules import load_rule
+    from .rules import load_rule, rule_path
 
-    if str(name) == "default":
-        path = Path(__file__).parent / "data" / "default_rule.pt"
-        if not path.is_file():
-            raise GraphFileError("the packaged default rule is missing from this installation")
-    else:
-        path = Path(name)
-        if path.is_dir():
-            path = path / "best.pt" if (path / "best.pt").is_file() else path / "rule.pt"
-        if not path.is_file():
-            raise GraphFileError(f"{name}: no such rule (give a meta-training directory, a .pt file or 'default')")
+    path = rule_path(name)
     backward, update, _ = load_rule(path)
     return backward, update, path
 

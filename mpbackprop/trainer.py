@@ -21,7 +21,7 @@ from torch import Tensor
 from .engine import train_step
 from .losses import LossFn, resolve_loss
 from .network import CompiledNetwork, compile
-from .rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update
+from .rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update, rule_path
 
 __all__ = ["Trainer"]
 
@@ -34,8 +34,9 @@ class Trainer:
     model : nn.Module
         A supported network (see ``mpbackprop compile``).
     rule : str, BackwardRule or path
-        ``"exact"``, ``"fa"``, ``"learned"``, a rule object, or a saved rule file
-        (``.pt`` from meta-training; it brings its own update rule unless ``update`` is given).
+        ``"exact"``, ``"fa"``, ``"learned"``, a rule object, a saved rule file (``.pt`` from
+        meta-training) or ``"default"`` (the packaged meta-trained rule); a saved rule brings
+        its own update rule unless ``update`` is given.
     update : str or UpdateRule, optional
         ``"sgd"``, ``"adam"``, ``"learned"`` or an object; default Adam(lr=1e-3).
     loss : str or callable
@@ -48,8 +49,8 @@ class Trainer:
         saved_update: UpdateRule | None = None
         if isinstance(rule, BackwardRule):
             self.rule = rule
-        elif isinstance(rule, os.PathLike) or str(rule).endswith(".pt"):
-            self.rule, saved_update, self.rule_meta = load_rule(rule)
+        elif isinstance(rule, os.PathLike) or str(rule).endswith(".pt") or str(rule) == "default":
+            self.rule, saved_update, self.rule_meta = load_rule(rule_path(rule))
         else:
             self.rule = make_backward(str(rule))
         if isinstance(update, UpdateRule):

@@ -375,3 +375,21 @@ def test_fused_dense_path_equals_dgl_path(name, rule_factory):
     plain, _ = signals(net, x, y, rule, rule_state=state, fused=False)
     assert fused.abs().max() > 0
     assert (fused - plain).abs().max() <= 1e-12 * max(1.0, float(plain.abs().max()))
+
+
+def test_packaged_default_rule_loads_and_trains():
+    from mpbackprop.rules import DEFAULT_RULE
+
+    _, _, meta = load_rule(DEFAULT_RULE)
+    assert meta["config"]["family"] == "digits-mlp" and "command" in meta and "commit" in meta
+    train, valid = mp.tasks.load_dataset("digits", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    before = F.cross_entropy(model(valid.x), valid.y).item()
+    trainer = mp.Trainer(model, rule="default")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        idx = torch.randint(0, len(train.x), (32,), generator=gen)
+        trainer.step(train.x[idx], train.y[idx])
+    after = F.cross_entropy(model(valid.x), valid.y).item()
+    assert after < 0.5 * before, (before, after)

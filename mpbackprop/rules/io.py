@@ -21,9 +21,12 @@ from .fa import FeedbackAlignment
 from .learned import LearnedBackward, LearnedUpdate
 from .optim import SGD, Adam
 
-__all__ = ["save_rule", "load_rule", "BACKWARD_RULES", "UPDATE_RULES", "make_backward", "make_update"]
+__all__ = ["save_rule", "load_rule", "rule_path", "DEFAULT_RULE", "BACKWARD_RULES", "UPDATE_RULES", "make_backward", "make_update"]
 
 _FORMAT = "mpbackprop-rule"
+
+#: The rule shipped with the package (made by ``mpbackprop meta-train``; provenance beside it).
+DEFAULT_RULE = Path(__file__).resolve().parents[1] / "data" / "default_rule.pt"
 
 BACKWARD_RULES: dict[str, type[BackwardRule]] = {
     "exact": Exact, "fa": FeedbackAlignment, "learned": LearnedBackward,
@@ -89,3 +92,18 @@ def _kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     if "betas" in cfg:
         cfg["betas"] = tuple(cfg["betas"])
     return cfg
+
+
+def rule_path(name: str | os.PathLike) -> Path:
+    """Resolve ``default`` (the packaged rule), a meta-training directory (its ``best.pt``, else
+    ``rule.pt``) or a rule file to a path; a missing one raises :class:`GraphFileError`."""
+    if str(name) == "default":
+        if not DEFAULT_RULE.is_file():
+            raise GraphFileError("the packaged default rule is missing from this installation")
+        return DEFAULT_RULE
+    path = Path(name)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "rule.pt"
+    if not path.is_file():
+        raise GraphFileError(f"{name}: no such rule (give a meta-training directory, a .pt file or 'default')")
+    return path
