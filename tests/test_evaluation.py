@@ -1,0 +1,76 @@
+"""Evaluation protocol: learning-rate tuning, statistics, speedup, suites."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mpbackprop import evaluation as ev
+from mpbackprop.tasks import TaskSpec
+
+
+def _fake_run(best_exp: float, calls: list):
+    def run(spec, method, steps, seed, rule=None, lr=None, val_examples=None):
+        calls.append(lr)
+        loss = 0.1 + (math.log10(lr) - best_exp) ** 2  # unimodal in log lr
+        return ev.RunCurve([loss] * steps, [0.5] * steps, 1.0)
+    return run
+
+
+@pytest.mark.parametrize("best_exp", [-2.25, -5.25, 1.75])
+def test_tuning_finds_the_quarter_decade_optimum_and_extends_the_grid(monkeypatch, tmp_path, best_exp):
+    calls: list = []
+    monkeypatch.setattr(ev, "run_method", _fake_run(best_exp, calls))
+    spec = TaskSpec()
+    res = ev.tune_lr(spec, "adam", 10, tuning_seeds=1, cache=tmp_path)
+    assert res["lr"] == pytest.approx(10**best_exp)
+    n = len(calls)
+    again = ev.tune_lr(spec, "adam", 10, tuning_seeds=1, cache=tmp_path)  # cached: no new runs
+    assert again == res and len(calls) == n
+
+
+def test_ci95_matches_scipy():
+    from scipy import stats
+
+    values = [0.3, 0.5, 0.4, 0.45, 0.35]
+    mean, lo, hi = ev.ci95(values)
+    ref = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / 5, scale=stats.sem(values))
+    assert mean == pytest.approx(0.4) and lo == pytest.approx(ref[0]) and hi == pytest.approx(ref[1])
+
+
+def test_summary_speedup_and_paired_differences():
+    steps = 10
+    adam = [ev.RunCurve([1.0 - 0.05 * k for k in range(steps)], [0.5] * steps, 2.0) for _ in range(3)]
+    fast = [ev.RunCurve([1.0 - 0.1 * k for k in range(steps)], [0.6] * steps, 3.0) for _ in range(3)]
+    slow = [ev.RunCurve([1.0] * steps, [0.1] * steps, 1.0) for _ in range(3)]
+    res = ev.TaskResult(TaskSpec(), steps, {}, {"adam": adam, "learned": fast, "sgd": slow})
+    doc = ev.summarize([res], methods=("learned", "sgd", "adam"))
+    m = doc["tasks"][0]["methods"]
+    assert m["adam"]["speedup_vs_adam"] == 1.0
+    # Adam reaches 0.55 at step 10; the fast curve reaches it at step 6 (1 - 0.1*5 = 0.5 <= 0.55)
+    assert m["learned"]["steps_to_adam_loss"] == 6 and m["learned"]["speedup_vs_adam"] == pytest.approx(10 / 6)
+    assert m["sgd"]["speedup_vs_adam"] == 0.0  # never reached
+    assert m["learned"]["paired_diff_vs_adam"]["mean"] == pytest.approx(0.1 - 0.55)
+    assert doc["methods"]["learned"]["val_acc_mean"] == pytest.approx(0.6)
+    lines = ev.format_report(doc, methods=("learned", "sgd", "adam"))
+    assert any("<1" in line for line in lines)
+
+
+@pytest.mark.parametrize("suite", ev.SUITES)
+def test_suites_build_distinct_transfer_tasks(suite):
+    base = ev.suite_tasks("heldout", "digits-mlp", 2, 50)
+    tasks = ev.suite_tasks(suite, "digits-mlp", 2, 50)
+    assert tasks
+    if suite == "wider":
+        assert all(t.widths[0] > b.widths[0] for (t, _), (b, _) in zip(tasks[::2], base))
+    if suite == "deeper":
+        assert all(len(t.widths) == 2 * len(b.widths) for (t, _), (b, _) in zip(tasks, base))
+    if suite == "act":
+        assert all(t.activation not in ("relu", "tanh") for t, _ in tasks)
+    if suite == "data":
+        assert all(t.dataset != "digits" for t, _ in tasks)
+    if suite == "horizon":
+        assert sorted({h for _, h in tasks}) == [100, 250]
+    if suite == "conv":
+        assert all(t.arch == "conv" for t, _ in tasks)
