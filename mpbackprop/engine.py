@@ -122,8 +122,11 @@ def _dense_linear(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, bat
             msgs = torch.einsum("oi,rocb->ricb", coef.view(n_out, n_in), bb)
         elif coef.dim() == 2:
             msgs = torch.einsum("oic,rocb->ricb", coef.view(n_out, n_in, d), bb)
-        else:
-            msgs = torch.einsum("oicx,roxb->ricb", coef.view(n_out, n_in, d, d), bb)
+        else:  # one GEMM: (in·d, out·d) @ (out·d, rows·B)
+            c2 = coef.view(n_out, n_in, d, d).permute(1, 2, 0, 3).reshape(n_in * d, n_out * d)
+            rows = bb.shape[0]
+            b2 = bb.permute(1, 2, 0, 3).reshape(n_out * d, rows * batch)
+            msgs = (c2 @ b2).view(n_in, d, rows, batch).permute(2, 0, 1, 3)
         msgs = msgs.reshape(-1, d, batch)
     return g_w, g_b, msgs
 
@@ -307,7 +310,7 @@ def train_step(
     with grad_ctx:
         result = backward(net, record, dl, rule, rule_state, theta, opt_state, fused=fused)
         uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
-                             len(net.tensors))
+                             len(net.tensors), net.tensor_sizes)
         new_theta, new_state = update.step(uctx)
     if trace:
         write_trace(net, record, result, (theta - new_theta).detach())

@@ -127,6 +127,11 @@ class CompiledNetwork:
         return tensor_table(self.layers)
 
     @property
+    def tensor_sizes(self) -> tuple[int, ...]:
+        """Number of parameters of each tensor, in param-node order."""
+        return tuple(p.numel for p in self.tensors)
+
+    @property
     def output_shape(self) -> tuple[int, ...]:
         """Per-sample shape of the network output, as the module returns it."""
         if self._output_shape is not None:

@@ -105,6 +105,8 @@ class UpdateContext:
         ``(P,)`` index of the parameter tensor each parameter belongs to (per-tensor normalisation).
     num_segments : int
         Number of parameter tensors.
+    sizes : tuple of int, optional
+        Number of parameters of each tensor (tensors are consecutive runs of ``theta``).
     """
 
     theta: Tensor
@@ -113,6 +115,7 @@ class UpdateContext:
     step: int
     segments: Tensor
     num_segments: int
+    sizes: tuple[int, ...] | None = None
 
 
 class BackwardRule(nn.Module):

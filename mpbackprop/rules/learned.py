@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
@@ -53,15 +54,39 @@ def mlp(n_in: int, hidden: int, n_out: int, layers: int = 1, zero_last: bool = T
     return nn.Sequential(*mods)
 
 
+def _apply(seq: nn.Sequential, x: Tensor, const: Tensor | None = None,
+           columns: tuple[list[int], list[int]] | None = None) -> Tensor:
+    """Run ``seq`` on inputs ``x`` plus ``const`` (the same for every row) without materialising
+    the constant columns: they fold into the first layer's bias. ``columns`` gives the first
+    layer's input columns of ``x`` and of ``const`` (default: ``x`` first). ReLUs run in place."""
+    first = seq[0]
+    if const is None:
+        h = first(x)
+    else:
+        n = x.shape[-1]
+        var, fixed = columns if columns is not None else (list(range(n)), list(range(n, first.in_features)))
+        w_var = first.weight[:, var] if columns is not None else first.weight[:, :n]
+        h = F.linear(x, w_var, first.bias + first.weight[:, fixed] @ const)
+    for layer in list(seq)[1:]:
+        h = torch.relu_(h) if isinstance(layer, nn.ReLU) else layer(h)
+    return h
+
+
 def _rms(x: Tensor) -> Tensor:
     return torch.sqrt(x.pow(2).mean() + _EPS)
 
 
-def _per_tensor_rms(x: Tensor, seg: Tensor, nseg: int) -> Tensor:
-    """RMS of each column of ``x`` ``(P, F)`` within each parameter tensor, broadcast back to ``(P, F)``."""
-    sq = x.new_zeros(nseg, x.shape[1]).index_add(0, seg, x * x)
-    count = torch.bincount(seg, minlength=nseg).to(x.dtype).clamp(min=1).unsqueeze(1)
-    return torch.sqrt(sq / count + _EPS)[seg]
+def _normalise_per_tensor(x: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Each column of ``x`` ``(P, F)`` divided by its RMS within each parameter tensor.
+
+    Parameter tensors are consecutive runs of ``sizes`` rows, so this is one pass per tensor
+    over a slice (no scatter/gather over all parameters)."""
+    parts = [part / torch.sqrt(part.pow(2).mean(0, keepdim=True) + _EPS) for part in x.split(list(sizes))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+#: first-layer columns of the coefficient MLP: (per-weight w, B, |g| history), (constant depth, log fan-in)
+_COEF_COLUMNS = ([0, 1, 4], [2, 3])
 
 
 class LearnedBackward(BackwardRule):
@@ -93,7 +118,7 @@ class LearnedBackward(BackwardRule):
         self.seed_value = int(seed)
         self.alpha = nn.Parameter(torch.tensor(1.0 if init == "backprop" else 0.0))
         self.beta = nn.Parameter(torch.tensor(0.0 if init == "backprop" else 1.0))
-        self.coef_mlp = mlp(5, hidden, self.state_dim**2)
+        self.coef_mlp = mlp(5, hidden, self.state_dim**2)  # inputs: w, B, depth, log fan-in, |g| history
         self.node_mlp = mlp(self.state_dim + 4, hidden, self.state_dim)
 
     def config(self) -> dict[str, Any]:
@@ -109,29 +134,25 @@ class LearnedBackward(BackwardRule):
         hist = ctx.history.get("v")
         h = torch.log(torch.sqrt(hist + 1e-30) + 1e-8) / 10 if hist is not None else torch.zeros_like(w)
         fan_in = w.numel() / max(ctx.layer.weight.shape[0], 1)  # type: ignore[union-attr]
-        feats = torch.stack(
-            [w / rw, fb / rb, torch.full_like(w, ctx.depth), torch.full_like(w, math.log(fan_in) / 5), h], dim=1
-        ).to(self.alpha.dtype)
+        dtype = self.alpha.dtype
+        feats = torch.stack([w / rw, fb / rb, h], dim=1).to(dtype)  # + constants: depth, log fan-in
+        const = torch.tensor([ctx.depth, math.log(fan_in) / 5], dtype=dtype)
         d = self.state_dim
-        base = (self.alpha * w + self.beta * fb).view(-1, 1, 1) * torch.eye(d, dtype=w.dtype)
-        learned = self.coef_mlp(feats).to(w.dtype).view(-1, d, d) * rw
-        coef = base + learned
-        return coef.view(-1) if d == 1 else coef
+        learned = _apply(self.coef_mlp, feats, const, _COEF_COLUMNS).to(w.dtype).view(-1, d, d) * rw
+        base = self.alpha * w + self.beta * fb
+        if d == 1:
+            return base + learned.view(-1)
+        return learned + base.view(-1, 1, 1) * torch.eye(d, dtype=w.dtype)
 
     def node(self, ctx: NodeContext) -> Tensor:
         M = ctx.M  # (N, d, B)
         r = _rms(M)
+        dtype = self.alpha.dtype
         feats = torch.cat(
-            [
-                (M / r).permute(0, 2, 1),
-                torch.tanh(ctx.z).unsqueeze(-1),
-                torch.tanh(ctx.a).unsqueeze(-1),
-                ctx.fprime.unsqueeze(-1),
-                torch.full_like(ctx.z, ctx.depth).unsqueeze(-1),
-            ],
-            dim=-1,
-        )  # (N, B, d+4)
-        correction = self.node_mlp(feats.to(self.alpha.dtype)).to(M.dtype).permute(0, 2, 1) * r
+            [(M / r).permute(0, 2, 1), torch.stack([torch.tanh(ctx.z), torch.tanh(ctx.a), ctx.fprime], -1)], dim=-1
+        ).to(dtype)  # (N, B, d+3) + the constant depth
+        const = torch.tensor([ctx.depth], dtype=dtype)
+        correction = _apply(self.node_mlp, feats, const).to(M.dtype).permute(0, 2, 1) * r
         return ctx.fprime.unsqueeze(1) * M + correction
 
     def __repr__(self) -> str:
@@ -204,10 +225,11 @@ class LearnedUpdate(UpdateRule):
         v_hat = v / (1 - 0.999**t)
         rsqrt = 1.0 / (torch.sqrt(v_hat + 1e-30) + 1e-8)  # +1e-30: finite derivative at v = 0
         raw = torch.stack([*signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta], dim=1)
-        normed = raw / _per_tensor_rms(raw, ctx.segments, ctx.num_segments)
-        time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=raw.dtype)
-        feats = torch.cat([normed, time.expand(raw.shape[0], 4)], dim=1)
-        out = self.net(feats.to(self.log_lr_scale.dtype)).to(g.dtype)
+        sizes = ctx.sizes or tuple(torch.bincount(ctx.segments, minlength=ctx.num_segments).tolist())
+        normed = _normalise_per_tensor(raw, sizes)
+        dtype = self.log_lr_scale.dtype
+        time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=dtype)
+        out = _apply(self.net, normed.to(dtype), time).to(g.dtype)
         direction, magnitude = out[:, 0], out[:, 1]
         learned = self.lr * direction * torch.exp(self.exp_mult * magnitude)
         delta = self.max_step * torch.tanh(learned / self.max_step)
