@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,12 +28,30 @@ import mpbackprop as mp
 from mpbackprop.engine import train_step
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, LearnedBackward, LearnedUpdate
 
+class _SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.c1(x)))
+        x = self.pool(torch.relu(self.c2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp-64-128-10": (lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), (64,)),
     "mlp-64-256-256-10": (lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                                                 nn.Linear(256, 10)), (64,)),
     "mlp-784-512-512-10": (lambda: nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                                                  nn.Linear(512, 10)), (784,)),
+    "convnet-1x8x8": (_SmallConvNet, (1, 8, 8)),
 }
+MLPS = ["mlp-64-128-10", "mlp-64-256-256-10", "mlp-784-512-512-10"]
+BIG = "mlp-784-512-512-10"
 
 
 def _autograd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> Callable[[], None]:
@@ -97,34 +116,123 @@ def bench_case(name: str, batch: int, repeats: int) -> dict[str, Any]:
     }
 
 
+_META_PROBE = """
+import json, resource, sys, time, torch
+torch.set_num_threads(1)
+from mpbackprop.metatrain import MetaConfig, MetaTrainer
+cfg = MetaConfig(outer_steps=int(sys.argv[2]), eval_every=10**6, checkpoint_every=10**6)
+trainer = MetaTrainer(cfg, sys.argv[1])
+trainer.outer_step()  # warm-up: task construction, graph compilation
+t = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    trainer.outer_step()
+per_min = int(sys.argv[2]) / (time.perf_counter() - t) * 60
+print(json.dumps({"outer_steps_per_min": per_min, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "truncation": cfg.truncation, "tasks_per_step": cfg.tasks_per_step}))
+"""
+
+
+def meta_training_probe(steps: int) -> dict[str, Any]:
+    """Outer steps per minute of the default meta-training and the process's peak RSS
+    (one TBPTT truncation of 20 steps on 4 default-family tasks per outer step), in a fresh process."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", _META_PROBE, tmp, str(steps)], capture_output=True, text=True,
+                             check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scaling_exponent(cases: list[dict[str, Any]]) -> float:
+    """Least-squares slope of log(exact step time) against log(parameter count) over the MLPs."""
+    import math
+
+    pts = [(math.log(c["params"]), math.log(c["ms_per_step"]["exact"])) for c in cases if c["case"] in MLPS]
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="smallest case, 3 repeats (smoke test)")
+    ap.add_argument("--meta-steps", type=int, default=10, help="outer steps timed for the meta-training probe")
+    ap.add_argument("--quick", action="store_true", help="smallest case, 3 repeats, no meta probe (smoke test)")
+    ap.add_argument("--readme", default=None, help="regenerate the performance section of this README")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = ["mlp-64-256-256-10"] if args.quick else list(CASES)
+    names = ["mlp-64-128-10"] if args.quick else list(CASES)
     repeats = 3 if args.quick else args.repeats
     cases = [bench_case(n, args.batch, repeats) for n in names]
-    big = cases[-1]
-    result = {
+    big = next((c for c in cases if c["case"] == BIG), cases[-1])
+    result: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-                    "processor": platform.processor() or platform.machine()},
-        "ratios": big["ratios"],
+                    "processor": platform.processor() or platform.machine(), "batch": args.batch},
+        "ratios": {"exact_vs_autograd": big["ratios"]["exact_vs_autograd"],
+                   "learned_vs_adam": big["ratios"]["learned_vs_adam"]},
+        "scaling_exponent": round(scaling_exponent(cases), 3) if len(cases) > 2 else None,
         "cases": cases,
     }
+    if not args.quick:
+        result["meta_training"] = meta_training_probe(args.meta_steps)
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
-    print(f"{'case':<22}{'method':<16}{'ms/step':>10}{'× autograd+SGD':>16}")
-    for c in cases:
+    else:
+        for line in _text(result):
+            print(line)
+    if args.readme:
+        _write_readme(Path(args.readme), result)
+    return 0
+
+
+def _text(result: dict[str, Any]) -> list[str]:
+    lines = [f"{'case':<22}{'method':<16}{'ms/step':>10}{'x autograd+SGD':>16}"]
+    for c in result["cases"]:
         base = c["ms_per_step"]["autograd_sgd"]
         for k, v in c["ms_per_step"].items():
-            print(f"{c['case']:<22}{k:<16}{v:>10.2f}{v / base:>16.2f}")
-    return 0
+            lines.append(f"{c['case']:<22}{k:<16}{v:>10.2f}{v / base:>16.2f}")
+    lines.append(f"ratios on {BIG}: {result['ratios']}")
+    lines.append(f"scaling exponent of exact step time vs parameters (MLPs): {result['scaling_exponent']}")
+    if "meta_training" in result:
+        lines.append(f"meta-training (default family): {result['meta_training']}")
+    return lines
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _write_readme(path: Path, result: dict[str, Any]) -> None:
+    m = result["machine"]
+    body = [START, "", f"Generated by `python tools/bench.py --readme README.md` (batch {m['batch']}, float32, "
+            f"{m['threads']} threads, torch {m['torch']}, {m['processor']}). Median ms per training step; "
+            "ratio to autograd + SGD in brackets.", "",
+            "| case | params | autograd+SGD | autograd+Adam | exact | fa | learned |", "|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        ms = c["ms_per_step"]
+        base = ms["autograd_sgd"]
+        cells = [f"{ms[k]:.2f} ({ms[k] / base:.2f}×)" for k in ("autograd_sgd", "autograd_adam", "exact", "fa", "learned")]
+        body.append(f"| {c['case']} | {c['params']} | " + " | ".join(cells) + " |")
+    r = result["ratios"]
+    body += ["", f"- `exact` / autograd+SGD on {BIG}: **{r['exact_vs_autograd']:.2f}×** (target ≤ 1.5×); "
+             f"`learned` / autograd+Adam: **{r['learned_vs_adam']:.2f}×** (target ≤ 3×).",
+             f"- Scaling exponent of `exact` step time against parameter count over the MLPs: "
+             f"**{result['scaling_exponent']}** (target 0.8–1.2)."]
+    if "meta_training" in result:
+        mt = result["meta_training"]
+        body.append(f"- Default meta-training: **{mt['outer_steps_per_min']:.0f} outer steps/min** "
+                    f"({mt['tasks_per_step']} tasks × {mt['truncation']} inner steps each), peak RSS "
+                    f"**{mt['peak_rss_mb']:.0f} MB** (target ≤ 2 GB).")
+    body += ["", END]
+    text = path.read_text()
+    if START in text and END in text:
+        text = text[:text.index(START)] + "\n".join(body) + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Performance\n\n" + "\n".join(body) + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

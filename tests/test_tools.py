@@ -1,0 +1,41 @@
+"""Smoke tests of the benchmark and report tools (behaviour, not timing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quick_json_and_readme_section(tmp_path, capsys):
+    bench = _load("bench")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    assert bench.main(["--quick", "--json", "--threads", "1", "--readme", str(readme)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["ratios"]) == {"exact_vs_autograd", "learned_vs_adam"}
+    case = doc["cases"][0]
+    assert set(case["ms_per_step"]) == {"autograd_sgd", "autograd_adam", "exact", "fa", "learned"}
+    assert all(v > 0 for v in case["ms_per_step"].values())
+    text = readme.read_text()
+    assert "<!-- bench:start -->" in text and "mlp-64-128-10" in text
+    bench._write_readme(readme, doc)  # regenerating replaces the section instead of appending
+    assert readme.read_text().count("<!-- bench:start -->") == 1
+
+
+def test_scaling_exponent_fits_a_power_law():
+    bench = _load("bench")
+    cases = [{"case": n, "params": p, "ms_per_step": {"exact": 0.001 * p ** 1.1}}
+             for n, p in zip(bench.MLPS, (1e4, 1e5, 1e6))]
+    assert abs(bench.scaling_exponent(cases) - 1.1) < 1e-9
