@@ -584,13 +584,23 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
             get_family(cfg.family)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    from .metatrain.distributed import from_environment
+
     out = out or Path("runs") / f"{cfg.family}-{cfg.estimator}-s{cfg.seed}"
-    trainer = MetaTrainer(cfg, out, resume=resume)
-    cfg = trainer.cfg
-    click.echo(f"meta-training {cfg.family} with {cfg.estimator}: {cfg.outer_steps} outer steps, "
-               f"{cfg.tasks_per_step} tasks x {cfg.truncation} inner steps, unroll {cfg.unroll[0]}-{cfg.unroll[1]}"
-               + (f" (resuming at step {trainer.step})" if resume else ""), err=True)
-    summary = trainer.run(progress=progress)
+    workers = from_environment()  # torchrun sets WORLD_SIZE/RANK; a plain run is one worker
+    try:
+        trainer = MetaTrainer(cfg, out, resume=resume, workers=workers)
+        cfg = trainer.cfg
+        if workers.is_writer:
+            click.echo(f"meta-training {cfg.family} with {cfg.estimator}: {cfg.outer_steps} outer steps, "
+                       f"{cfg.tasks_per_step} tasks x {cfg.truncation} inner steps per worker, "
+                       f"{workers.world_size} worker(s), unroll {cfg.unroll[0]}-{cfg.unroll[1]}"
+                       + (f" (resuming at step {trainer.step})" if resume else ""), err=True)
+        summary = trainer.run(progress=progress and workers.is_writer)
+    finally:
+        workers.close()
+    if not workers.is_writer:
+        return
     click.echo(f"results in {out}/: rule.pt (latest), best.pt (best meta-validation score "
                f"{summary.best_score:.4f}), metrics.jsonl, meta_loss.png, config.json")
     click.echo(f"outer steps: {summary.steps}, skipped (non-finite): {summary.skipped}, "

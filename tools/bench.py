@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -144,6 +145,28 @@ def meta_training_probe(steps: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def distributed_probe(steps: int) -> dict[str, Any]:
+    """Outer steps (and tasks) per minute of the default meta-training with 1 and 2 processes
+    (``torchrun --nproc-per-node 2``: each process runs its own tasks_per_step tasks)."""
+    import subprocess
+    import tempfile
+
+    out: dict[str, Any] = {}
+    for nproc in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = Path(tmp) / "cfg.json"
+            cfg.write_text(json.dumps({"outer_steps": steps + 1, "eval_every": 10**6, "checkpoint_every": 10**6}))
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+                      if nproc == 2 else [sys.executable])
+            subprocess.run([*launch, "-m", "mpbackprop", "meta-train", "--config", str(cfg), "--out", tmp,
+                            "--no-progress"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][2:]
+            per_min = 60 * len(rows) / sum(r["seconds"] for r in rows)
+            out[f"{nproc}_process"] = {"outer_steps_per_min": round(per_min, 1), "tasks_per_min": round(per_min * 4 * nproc, 1)}
+    return out
+
+
 def scaling_exponent(cases: list[dict[str, Any]]) -> float:
     """Least-squares slope of log(exact step time) against log(parameter count) over the MLPs."""
     import math
@@ -179,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.quick:
         result["meta_training"] = meta_training_probe(args.meta_steps)
+        result["distributed"] = distributed_probe(args.meta_steps)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -199,6 +223,8 @@ def _text(result: dict[str, Any]) -> list[str]:
     lines.append(f"scaling exponent of exact step time vs parameters (MLPs): {result['scaling_exponent']}")
     if "meta_training" in result:
         lines.append(f"meta-training (default family): {result['meta_training']}")
+    if "distributed" in result:
+        lines.append(f"meta-training with 1 and 2 processes: {result['distributed']}")
     return lines
 
 
@@ -226,6 +252,11 @@ def _write_readme(path: Path, result: dict[str, Any]) -> None:
         body.append(f"- Default meta-training: **{mt['outer_steps_per_min']:.0f} outer steps/min** "
                     f"({mt['tasks_per_step']} tasks × {mt['truncation']} inner steps each), peak RSS "
                     f"**{mt['peak_rss_mb']:.0f} MB** (target ≤ 2 GB).")
+    if "distributed" in result:
+        d1, d2 = result["distributed"]["1_process"], result["distributed"]["2_process"]
+        body.append(f"- Distributed meta-training (`torchrun --nproc-per-node 2`): {d1['tasks_per_min']:.0f} → "
+                    f"{d2['tasks_per_min']:.0f} tasks/min ({d1['outer_steps_per_min']:.0f} → "
+                    f"{d2['outer_steps_per_min']:.0f} outer steps/min, each averaging 4 tasks per process).")
     body += ["", END]
     text = path.read_text()
     if START in text and END in text:

@@ -72,20 +72,25 @@ class Estimator:
     name = "base"
 
     def __init__(self, cfg: MetaConfig, family: TaskFamily, rule: BackwardRule, update: UpdateRule,
-                 rng: random.Random) -> None:
-        self.cfg, self.family, self.rule, self.update, self.rng = cfg, family, rule, update, rng
+                 slots: list[int] | None = None) -> None:
+        self.cfg, self.family, self.rule, self.update = cfg, family, rule, update
         self.params = flat_params([rule, update])
+        # Each task slot has its own random streams, so a slot samples the same tasks whichever
+        # process runs it: W workers with M slots each reproduce one process with W·M slots.
+        self.slots = list(range(cfg.tasks_per_step)) if slots is None else list(slots)
+        self.rngs = [random.Random(f"{cfg.seed}/slot{k}") for k in self.slots]
         self.inner: list[InnerState] = []
 
     # --------------------------------------------------------------- helpers
-    def _fresh(self) -> InnerState:
-        spec = self.family.sample(self.rng, "train")
-        horizon = sample_horizon(self.rng, *self.cfg.unroll)
+    def _fresh(self, i: int) -> InnerState:
+        rng = self.rngs[i]
+        spec = self.family.sample(rng, "train")
+        horizon = sample_horizon(rng, *self.cfg.unroll)
         return new_inner(spec, self.update, horizon, self.cfg.val_examples)
 
     def _ensure(self) -> None:
-        while len(self.inner) < self.cfg.tasks_per_step:
-            self.inner.append(self._fresh())
+        while len(self.inner) < len(self.slots):
+            self.inner.append(self._fresh(len(self.inner)))
 
     def _unroll(self, inner: InnerState, differentiable: bool):
         c = self.cfg
@@ -99,10 +104,15 @@ class Estimator:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": [s.to_dict() for s in self.inner]}
+        return {"slots": list(self.slots), "inner": [s.to_dict() for s in self.inner],
+                "rngs": [r.getstate() for r in self.rngs]}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        if list(d["slots"]) != self.slots:
+            raise ValueError(f"checkpoint holds task slots {list(d['slots'])}, this worker runs {self.slots}")
         self.inner = [InnerState.from_dict(s) for s in d["inner"]]
+        for r, state in zip(self.rngs, d["rngs"]):
+            r.setstate(_as_tuple(state))
 
 
 class TruncatedBackprop(Estimator):
@@ -117,7 +127,7 @@ class TruncatedBackprop(Estimator):
         for i, inner in enumerate(self.inner):
             res = self._unroll(inner, differentiable=True)
             if res.diverged:
-                self.inner[i] = self._fresh()
+                self.inner[i] = self._fresh(i)
                 resets += 1
                 continue
             if res.weight > 0:
@@ -130,7 +140,7 @@ class TruncatedBackprop(Estimator):
             grads = torch.autograd.grad(objective, self.params, allow_unused=True)
             grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
                               for g, p in zip(grads, self.params)])
-        self.inner = [s.detach() if not s.done else self._fresh() for s in self.inner]
+        self.inner = [s.detach() if not s.done else self._fresh(i) for i, s in enumerate(self.inner)]
         mean = sum(losses) / len(losses) if losses else float("nan")
         return Estimate(grad, mean, resets, finished)
 
@@ -142,10 +152,10 @@ class AntitheticES(Estimator):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.noise = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        self.noise = [torch.Generator().manual_seed(self.cfg.seed * 100_003 + 12_345 + k) for k in self.slots]
 
-    def _eps(self) -> Tensor:
-        return torch.randn(self._zeros().shape, generator=self.noise, dtype=torch.float64) * self.cfg.es_sigma
+    def _eps(self, i: int) -> Tensor:
+        return torch.randn(self._zeros().shape, generator=self.noise[i], dtype=torch.float64) * self.cfg.es_sigma
 
     def _pair_loss(self, inner: InnerState, eps: Tensor) -> tuple[float, float, bool]:
         out = []
@@ -165,7 +175,7 @@ class AntitheticES(Estimator):
         losses, resets, finished, used = [], 0, 0, 0
         for i, inner in enumerate(self.inner):
             for _ in range(self.cfg.es_pairs):
-                eps = self._eps()
+                eps = self._eps(i)
                 lp, lm, _ = self._pair_loss(inner, eps)
                 if math.isfinite(lp) and math.isfinite(lm):
                     grad += (lp - lm) / (2 * sigma2) * eps
@@ -174,21 +184,22 @@ class AntitheticES(Estimator):
             with torch.no_grad():
                 res = self._unroll(inner, differentiable=False)
             if res.diverged:
-                self.inner[i] = self._fresh()
+                self.inner[i] = self._fresh(i)
                 resets += 1
             elif inner.done:
                 finished += 1
-                self.inner[i] = self._fresh()
+                self.inner[i] = self._fresh(i)
         grad = grad / max(used, 1)
         mean = sum(losses) / len(losses) if losses else float("nan")
         return Estimate(grad, mean, resets, finished)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "noise": self.noise.get_state()}
+        return {**super().state_dict(), "noise": [g.get_state() for g in self.noise]}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
-        self.noise.set_state(d["noise"])
+        for g, state in zip(self.noise, d["noise"]):
+            g.set_state(state)
 
 
 class PersistentES(AntitheticES):
@@ -220,7 +231,7 @@ class PersistentES(AntitheticES):
         for i in range(len(self.inner)):
             reset = False
             for j, (plus, minus) in enumerate(self.pairs[i]):
-                eps = self._eps()
+                eps = self._eps(i)
                 self.xi[i][j] = self.xi[i][j] + eps
                 vals = []
                 for state, sign in ((plus, 1.0), (minus, -1.0)):
@@ -236,7 +247,7 @@ class PersistentES(AntitheticES):
             if reset or done:
                 resets += int(reset)
                 finished += int(done and not reset)
-                self.inner[i] = self._fresh()
+                self.inner[i] = self._fresh(i)
                 self.pairs[i], self.xi[i] = self._new_pairs(self.inner[i])
         grad = grad / max(used, 1)
         mean = sum(losses) / len(losses) if losses else float("nan")
@@ -254,6 +265,14 @@ class PersistentES(AntitheticES):
 
 
 def make_estimator(cfg: MetaConfig, family: TaskFamily, rule: BackwardRule, update: UpdateRule,
-                   rng: random.Random) -> Estimator:
+                   slots: list[int] | None = None) -> Estimator:
+    """The estimator ``cfg.estimator`` over task ``slots`` (default: ``0..tasks_per_step-1``)."""
     cls = {"tbptt": TruncatedBackprop, "es": AntitheticES, "pes": PersistentES}[cfg.estimator]
-    return cls(cfg, family, rule, update, rng)
+    return cls(cfg, family, rule, update, slots)
+
+
+def _as_tuple(x: Any) -> Any:
+    """Python RNG states come back from ``torch.load`` as lists; ``setstate`` wants tuples."""
+    if isinstance(x, list):
+        return tuple(_as_tuple(v) for v in x)
+    return x

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -30,13 +29,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 
 from .._io import atomic_write
 from ..errors import GraphFileError
 from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, UpdateRule, save_rule
 from ..tasks import TaskSpec, get_family
 from .config import MetaConfig
+from .distributed import WorkerFailure, Workers
 from .estimators import Estimator, make_estimator
 from .inner import get_task, unroll
 
@@ -107,18 +106,15 @@ class MetaTrainer:
         Run directory (created).
     resume : bool
         Continue from ``out/state.pt`` exactly where it stopped.
-    reduce : callable, optional
-        Averages a flat tensor across workers (identity in one process); see issue on
-        ``torch.distributed``.
-    is_writer : bool
-        Whether this process writes files (rank 0).
+    workers : Workers, optional
+        This process's place in a distributed run (:mod:`.distributed`); default: alone.
     """
 
     def __init__(self, cfg: MetaConfig, out: str | os.PathLike, resume: bool = False,
-                 reduce: Callable[[Tensor], Tensor] | None = None, is_writer: bool = True) -> None:
+                 workers: Workers | None = None) -> None:
         self.out = Path(out)
-        self.reduce = reduce or (lambda t: t)
-        self.is_writer = is_writer
+        self.workers = workers or Workers()
+        self.is_writer = self.workers.is_writer
         state_path = self.out / "state.pt"
         if resume:
             if not state_path.is_file():
@@ -127,12 +123,13 @@ class MetaTrainer:
         self.cfg = cfg
         self.family = get_family(cfg.family)
         self.rule, self.update = build_rules(cfg)
-        self.rng = random.Random(cfg.seed)
-        self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update, self.rng)
+        self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update,
+                                                   self.workers.slots(cfg.tasks_per_step))
         self.params = self.estimator.params
         self.opt = torch.optim.Adam(self.params, lr=cfg.meta_lr)
         self.valid_specs = self.family.tasks("valid", cfg.eval_tasks, seed=cfg.seed)
         self.step = 0
+        self.saved_step: int | None = None
         self.skipped = 0
         self.best_score = math.inf
         self.history: list[dict[str, Any]] = []
@@ -149,7 +146,10 @@ class MetaTrainer:
                 "step": self.step}
 
     def save(self) -> None:
-        """Write latest rule, optimizer/RNG/inner state and the plot (atomically)."""
+        """Write latest rule, optimizer/RNG/inner state and the plot (atomically; rank 0 writes,
+        every worker takes part because the inner states of all workers go into ``state.pt``)."""
+        estimators = self.workers.gather(self.estimator.state_dict())
+        self.saved_step = self.step
         if not self.is_writer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -162,9 +162,9 @@ class MetaTrainer:
             "optimizer": self.opt.state_dict(),
             "rule": self.rule.state_dict(),
             "update": self.update.state_dict(),
-            "py_rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
-            "estimator": self.estimator.state_dict(),
+            "world_size": self.workers.world_size,
+            "estimators": estimators,
         }
         atomic_write(self.out / "state.pt", lambda p: torch.save(state, p))
         self._plot()
@@ -177,12 +177,15 @@ class MetaTrainer:
             self.rule.load_state_dict(state["rule"])
             self.update.load_state_dict(state["update"])
             self.opt.load_state_dict(state["optimizer"])
-            self.rng.setstate(_as_tuple(state["py_rng"]))
             torch.set_rng_state(state["torch_rng"])
-            self.estimator.load_state_dict(state["estimator"])
+            if int(state["world_size"]) != self.workers.world_size:
+                raise ValueError(f"it was written by {state['world_size']} workers, this run has "
+                                 f"{self.workers.world_size}; resume with the same number")
+            self.estimator.load_state_dict(state["estimators"][self.workers.rank])
         except Exception as exc:  # noqa: BLE001
             raise GraphFileError(f"{path}: cannot resume from this file ({exc})") from exc
         self.step = int(state["step"])
+        self.saved_step = self.step
         self.skipped = int(state["skipped"])
         self.best_score = float(state["best_score"])
         metrics = self.out / "metrics.jsonl"
@@ -230,9 +233,12 @@ class MetaTrainer:
     def outer_step(self) -> dict[str, Any]:
         """One meta-gradient estimate and (if finite) one Adam step; returns the metrics row."""
         t0 = time.perf_counter()
+        fault = os.environ.get("MPBACKPROP_FAULT_AT_STEP")  # fault injection for the resume tests
+        if fault and int(fault) == self.step + 1 and self.workers.rank == self.workers.world_size - 1:
+            os._exit(3)
         est = self.estimator.estimate()
-        grad = self.reduce(est.grad)
-        loss = float(self.reduce(torch.tensor([est.meta_loss], dtype=torch.float64))[0])
+        grad = self.workers.mean(est.grad)
+        loss = float(self.workers.mean(torch.tensor([est.meta_loss], dtype=torch.float64))[0])
         norm = float(grad.norm())
         skipped = not (math.isfinite(norm) and math.isfinite(loss))
         if skipped:
@@ -267,7 +273,7 @@ class MetaTrainer:
         try:
             while self.step < self.cfg.outer_steps:
                 row = self.outer_step()
-                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.outer_steps:
+                if self.is_writer and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.outer_steps):
                     row.update(self._validate_and_keep())
                 self._log(row)
                 if on_step:
@@ -281,6 +287,9 @@ class MetaTrainer:
         except KeyboardInterrupt:
             interrupted = True
             self.save()
+        except WorkerFailure as exc:
+            where = f"step {self.saved_step} in {self.out}" if self.saved_step is not None else "none written yet"
+            raise WorkerFailure(f"{exc}; last checkpoint: {where} (continue with --resume)") from exc
         finally:
             bar.close()
         return RunSummary(self.out, self.step, self.skipped, self.best_score, interrupted,
@@ -300,7 +309,3 @@ class MetaTrainer:
         return {**scores, "best": best}
 
 
-def _as_tuple(x: Any) -> Any:
-    if isinstance(x, list):
-        return tuple(_as_tuple(v) for v in x)
-    return x
