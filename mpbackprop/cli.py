@@ -554,10 +554,12 @@ def _range_param(ctx: click.Context | None, param: click.Parameter | None, text:
 @click.option("--threads", type=click.IntRange(min=1), default=1,
               help="torch threads (tiny target networks run fastest on one).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the metrics as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
 @click.pass_context
 @report_errors
 def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | None, resume: bool, threads: int,
-                   progress: bool, **flags: Any) -> None:
+                   progress: bool, tb_dir: Path | None, **flags: Any) -> None:
     """Meta-train the learned backward + update rule (method.md §4).
 
     With no options: the embedded default (digits-mlp, truncated backprop). Writes config.json,
@@ -596,7 +598,14 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
                        f"{cfg.tasks_per_step} tasks x {cfg.truncation} inner steps per worker, "
                        f"{workers.world_size} worker(s), unroll {cfg.unroll[0]}-{cfg.unroll[1]}"
                        + (f" (resuming at step {trainer.step})" if resume else ""), err=True)
-        summary = trainer.run(progress=progress and workers.is_writer)
+        tb = None
+        if tb_dir is not None and workers.is_writer:
+            from .tensorboard import TensorBoard
+
+            tb = TensorBoard(tb_dir)
+        summary = trainer.run(progress=progress and workers.is_writer, on_step=tb.meta_step if tb else None)
+        if tb:
+            tb.close()
     finally:
         workers.close()
     if not workers.is_writer:
@@ -629,9 +638,12 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
               help="Write results.json, report.txt, curves.png and the tuning cache here.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the learning curves as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
 @report_errors
 def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_tasks: int, tuning_seeds: int,
-                 as_json: bool, plot: Path | None, out: Path | None, threads: int, progress: bool) -> None:
+                 as_json: bool, plot: Path | None, out: Path | None, threads: int, progress: bool,
+                 tb_dir: Path | None) -> None:
     """Evaluate RULE (a meta-training directory, a rule .pt file, or 'default') against SGD,
     SGD+momentum and Adam with learning rates tuned per task on separate seeds, plus the
     ablations learned-update-on-exact-backprop, learned-backward+Adam and FA+Adam.
@@ -687,6 +699,13 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
                 ev.plot_curves(results, target)
             if out:
                 ev.plot_curves(results, out / f"curves-{s}.png")
+    if tb_dir is not None:
+        from .tensorboard import TensorBoard
+
+        tb = TensorBoard(tb_dir)
+        for s, results in all_results.items():
+            tb.evaluation(s, results)
+        tb.close()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -711,6 +730,60 @@ def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int,
         text.append(f"== suite {s}")
         text += ev.format_report(rep)
     atomic_write(out / "report.txt", lambda p: Path(p).write_text("\n".join(text) + "\n"))
+
+
+
+# --------------------------------------------------------------------------- analyze
+@main.command("analyze", short_help="How a rule's backward signal relates to the true gradient.")
+@click.argument("rule", default="default")
+@click.option("--family", default="digits-mlp", help="Analyse the family's first held-out task.")
+@click.option("--steps", type=click.IntRange(min=2), default=100, help="Training steps.")
+@click.option("--message-step", type=click.IntRange(min=1), default=None,
+              help="Step whose message magnitudes are drawn on the graph [default: the last].")
+@click.option("--adam-lr", type=float, default=None, help="Adam's learning rate [default: tuned at --steps].")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help='Print {"layers": [{"name", "cos_to_grad": [...], "norm_ratio": [...], ...}], "steps", ...}.')
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write analysis.json, alignment.png, update_alignment.png, curves.png, messages-*.png, summary.md.")
+@click.pass_context
+@report_errors
+def analyze_cmd(ctx: click.Context, rule: str, family: str, steps: int, message_step: int | None,
+                adam_lr: float | None, as_json: bool, out: Path | None) -> None:
+    """Train one held-out network with RULE ('default', a run directory, a rule file, 'exact' or
+    'fa') and record per layer and step the cosine, norm ratio and sign agreement between the
+    rule's signal and the true gradient, its update against Adam's, and backward-state statistics;
+    feedback alignment (+ Adam) is analysed beside it as the reference point.
+    """
+    import torch
+
+    from . import analysis
+    from .tasks import get_family
+
+    torch.set_num_threads(1)
+    try:
+        spec = get_family(family).tasks("heldout", 1)[0]
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    seed = ctx.find_object(CLIState).seed if ctx.find_object(CLIState) else 0
+    doc = analysis.report(rule, spec, steps, seed, out, None if message_step is None else message_step - 1, adam_lr)
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+    else:
+        for r in doc["rules"]:
+            click.echo(f"{r['rule']}: validation loss {r['val_loss'][-1]:.4f} after {steps} steps "
+                       f"(tuned Adam {doc['adam_val_loss'][-1]:.4f})")
+            rows = []
+            for layer in r["layers"]:
+                k = max(1, steps // 10)
+                first = sum(layer["cos_to_grad"][:k]) / k
+                last = sum(layer["cos_to_grad"][-k:]) / k
+                rows.append([layer["index"], layer["name"], f"{first:.3f}", f"{last:.3f}",
+                             f"{sum(layer['norm_ratio'][-k:]) / k:.3f}", f"{sum(layer['sign_agreement'][-k:]) / k:.3f}"])
+            for line in format_table(["layer", "name", "cos start", "cos end", "norm ratio", "sign agree"], rows,
+                                     right={0, 2, 3, 4, 5}):
+                click.echo("  " + line)
+    if out:
+        click.echo(f"results in {out}/ (summary.md, alignment.png, curves.png, messages-*.png)", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,7 +86,8 @@ def _weighted_edges(net: Any) -> tuple[list[tuple[int, int]], list[float], list[
     return uses, weights, fixed
 
 
-def plot_network(net: Any, path: str | Path, max_nodes: int = 400, title: str | None = None) -> Path:
+def plot_network(net: Any, path: str | Path, max_nodes: int = 400, title: str | None = None,
+                 use_values: Any = None, value_label: str | None = None) -> Path:
     """Draw ``net`` (a :class:`~mpbackprop.CompiledNetwork`) into an image file.
 
     Parameters
@@ -98,6 +99,11 @@ def plot_network(net: Any, path: str | Path, max_nodes: int = 400, title: str | 
         Refuse networks with more neurons than this.
     title : str, optional
         Shown before the counts in the title.
+    use_values : Tensor, optional
+        One non-negative value per weight use (layers in order, edge ids within a layer) to colour
+        the uses by instead of the weights, e.g. message magnitudes from ``mpbackprop analyze``.
+    value_label : str, optional
+        Colour-bar label for ``use_values``.
 
     Raises
     ------
@@ -138,10 +144,15 @@ def plot_network(net: Any, path: str | Path, max_nodes: int = 400, title: str | 
     cax = fig.add_axes((0.89, 0.2, 0.015, 0.55))
     node_size = max(6.0, min(90.0, 2400.0 / tallest))
 
-    cmap = matplotlib.colormaps["coolwarm"]
+    signed = use_values is None
+    if not signed:
+        weights = [float(v) for v in torch.as_tensor(use_values).reshape(-1).tolist()]
+        if len(weights) != len(uses):
+            raise PlotError(f"use_values has {len(weights)} entries, the network has {len(uses)} weight uses")
+    cmap = matplotlib.colormaps["coolwarm" if signed else "viridis"]
     scale = float(torch.tensor(weights).abs().quantile(0.98)) if weights else 1.0
     scale = scale if scale > 0 else 1.0
-    norm = Normalize(-scale, scale)
+    norm = Normalize(-scale, scale) if signed else Normalize(0.0, scale)
     if fixed:
         # edges that skip columns (residual branches) as arcs, so they do not run through other blocks
         near = [e for e in fixed if pos[e[1]][0] - pos[e[0]][0] <= 1]
@@ -157,7 +168,7 @@ def plot_network(net: Any, path: str | Path, max_nodes: int = 400, title: str | 
         w_sorted = [weights[k] for k in order]
         widths = [0.25 + 1.5 * min(abs(w) / scale, 1.0) for w in w_sorted]
         nx.draw_networkx_edges(G, pos, edgelist=[uses[k] for k in order], ax=ax, arrows=False,
-                               edge_color=w_sorted, edge_cmap=cmap, edge_vmin=-scale, edge_vmax=scale,
+                               edge_color=w_sorted, edge_cmap=cmap, edge_vmin=norm.vmin, edge_vmax=scale,
                                width=widths, alpha=0.75)
     colours = []
     for layer in net.layers:
@@ -175,12 +186,16 @@ def plot_network(net: Any, path: str | Path, max_nodes: int = 400, title: str | 
     ax.set_ylim(-top - 0.04, top + 0.04)
     ax.set_axis_off()
 
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="weight (clipped at 98th pct |w|)")
+    label = "weight (clipped at 98th pct |w|)" if signed else (value_label or "value")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, label=label)
     kinds = [k for k in _KIND_COLOURS if any(layer.kind == k for layer in net.layers)]
     handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor=_KIND_COLOURS[k],
                       markeredgecolor="black", markeredgewidth=0.3, label=k) for k in kinds]
-    handles.append(Line2D([], [], color=cmap(0.95), label="weight use, w > 0"))
-    handles.append(Line2D([], [], color=cmap(0.05), label="weight use, w < 0"))
+    if signed:
+        handles.append(Line2D([], [], color=cmap(0.95), label="weight use, w > 0"))
+        handles.append(Line2D([], [], color=cmap(0.05), label="weight use, w < 0"))
+    else:
+        handles.append(Line2D([], [], color=cmap(0.9), label=f"weight use, coloured by {value_label or 'value'}"))
     if fixed:
         handles.append(Line2D([], [], color="#bdbdbd", label="fixed edge (pool/residual/scale)"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.005), ncol=min(len(handles), 6),
