@@ -191,7 +191,8 @@ def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
 def main(ctx: click.Context, seed: int, debug: bool) -> None:
     """mpbackprop: learn the backward pass by message passing on DGL heterographs.
 
-    Compile a PyTorch network into a neuron/param heterograph and inspect it.
+    Compile a PyTorch network into a neuron/param heterograph, inspect and verify it, meta-train
+    a learned backward pass, evaluate it against tuned baselines and analyse what it learned.
     Errors print one line and exit with status 2 (--debug: the traceback).
     Options may also come from environment variables: MPBACKPROP_SEED, MPBACKPROP_DEBUG,
     MPBACKPROP_<COMMAND>_<OPTION> (e.g. MPBACKPROP_COMPILE_FORMAT=json).

@@ -192,6 +192,20 @@ def ci95(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def combine_task_cis(entries: list[tuple[float, float, float]], n: int) -> tuple[float, float, float]:
+    """Mean over tasks of per-task means, with a 95% interval from the per-task standard errors
+    (each task's interval came from ``n`` seeds; tasks are independent)."""
+    from scipy import stats
+
+    k = len(entries)
+    mean = sum(e[0] for e in entries) / k
+    if n < 2 or any(not math.isfinite(e[1]) for e in entries):
+        return mean, float("nan"), float("nan")
+    t = float(stats.t.ppf(0.975, n - 1))
+    se = math.sqrt(sum(((e[2] - e[1]) / (2 * t)) ** 2 for e in entries)) / k
+    return mean, mean - t * se, mean + t * se
+
+
 def _steps_to_reach(curve: list[float], target: float) -> int | None:
     for k, v in enumerate(curve):
         if v <= target:
@@ -281,17 +295,23 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
                 entry["paired_diff_vs_adam"] = {"mean": dm, "ci": [dlo, dhi]}
             row["methods"][m] = entry
         task_rows.append(row)
+    seeds = len(results[0].curves[methods[0]]) if results else 0
     for m in methods:
         entries = [r["methods"][m] for r in task_rows]
         n = len(entries)
+        mean, lo, hi = combine_task_cis([(e["val_loss_mean"], *e["val_loss_ci"]) for e in entries], seeds)
         per_method[m] = {
-            "val_loss_mean": sum(e["val_loss_mean"] for e in entries) / n,
-            "val_loss_ci": [sum(e["val_loss_ci"][0] for e in entries) / n, sum(e["val_loss_ci"][1] for e in entries) / n],
+            "val_loss_mean": mean,
+            "val_loss_ci": [lo, hi],
             "val_acc_mean": sum(e["val_acc_mean"] for e in entries) / n,
             "speedup_vs_adam": _geomean([e.get("speedup_vs_adam", 0.0) for e in entries]),
             "ms_per_step": sum(e["ms_per_step"] for e in entries) / n,
             "diverged": sum(e["diverged"] for e in entries),
         }
+        if all("paired_diff_vs_adam" in e for e in entries):
+            dm, dlo, dhi = combine_task_cis([(e["paired_diff_vs_adam"]["mean"], *e["paired_diff_vs_adam"]["ci"])
+                                             for e in entries], seeds)
+            per_method[m]["paired_diff_vs_adam"] = {"mean": dm, "ci": [dlo, dhi]}
     return {"tasks": task_rows, "methods": per_method}
 
 

@@ -74,3 +74,14 @@ def test_suites_build_distinct_transfer_tasks(suite):
         assert sorted({h for _, h in tasks}) == [100, 250]
     if suite == "conv":
         assert all(t.arch == "conv" for t, _ in tasks)
+
+
+def test_combined_task_intervals():
+    from scipy import stats
+
+    t = stats.t.ppf(0.975, 9)
+    # two tasks with standard errors 0.1 and 0.2: the mean of means has se sqrt(0.01 + 0.04) / 2
+    mean, lo, hi = ev.combine_task_cis([(1.0, 1.0 - t * 0.1, 1.0 + t * 0.1), (3.0, 3.0 - t * 0.2, 3.0 + t * 0.2)], 10)
+    assert mean == pytest.approx(2.0)
+    assert hi - mean == pytest.approx(t * math.sqrt(0.05) / 2)
+    assert lo == pytest.approx(2 * mean - hi)

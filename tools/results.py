@@ -51,12 +51,13 @@ def _suite(args: argparse.Namespace, suite: str, rule: tuple, rule_path: Path) -
 def _table(doc: dict) -> list[str]:
     lines = ["| method | val loss at T [95% CI] | accuracy | Δ vs tuned Adam (paired) [95% CI] | speedup | ms/step |",
              "|---|---|---|---|---|---|"]
+    seeds = doc["key"]["seeds"]
     for m, e in doc["methods"].items():
-        diffs = [t["methods"][m]["paired_diff_vs_adam"] for t in doc["tasks"]]
-        dmean = sum(d["mean"] for d in diffs) / len(diffs)
-        dlo = sum(d["ci"][0] for d in diffs) / len(diffs)
-        dhi = sum(d["ci"][1] for d in diffs) / len(diffs)
-        lo, hi = e["val_loss_ci"]
+        # mean over tasks, intervals combined from the per-task standard errors (tasks independent)
+        tasks = [t["methods"][m] for t in doc["tasks"]]
+        dmean, dlo, dhi = ev.combine_task_cis([(d["paired_diff_vs_adam"]["mean"], *d["paired_diff_vs_adam"]["ci"])
+                                               for d in tasks], seeds)
+        _, lo, hi = ev.combine_task_cis([(d["val_loss_mean"], *d["val_loss_ci"]) for d in tasks], seeds)
         speed = e["speedup_vs_adam"]
         stxt = "<1" if speed == 0 else f"{speed:.2f}"
         name = f"**{SHORT[m]}**" if m == "learned" else SHORT[m]
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--tasks {args.tasks}` (family `{args.family}`; rule `{rule_path.name}`). Each row averages "
             f"{args.tasks} tasks (or their variants) × {args.seeds} fresh seeds; learning rates of the tuned "
             "methods are tuned per task on separate seeds; speedup = T / steps for the method's mean curve to "
-            "reach tuned Adam's mean loss at T (`<1`: not reached within T; geometric mean over tasks).", ""]
+            "reach tuned Adam's mean loss at T (`<1`: not reached within T; geometric mean over tasks); intervals "
+            "of the rows combine the per-task standard errors. Per-task tables are in `results/<suite>.json`.", ""]
     for suite in args.suites.split(","):
         doc = _suite(args, suite, (backward, update), rule_path)
         body.append(f"#### {suite}  ({', '.join(sorted({t['task'].split('/')[0] for t in doc['tasks']}))}; "
