@@ -54,21 +54,36 @@ def mlp(n_in: int, hidden: int, n_out: int, layers: int = 1, zero_last: bool = T
     return nn.Sequential(*mods)
 
 
-def _apply(seq: nn.Sequential, x: Tensor, const: Tensor | None = None,
-           columns: tuple[list[int], list[int]] | None = None) -> Tensor:
-    """Run ``seq`` on inputs ``x`` plus ``const`` (the same for every row) without materialising
-    the constant columns: they fold into the first layer's bias. ``columns`` gives the first
-    layer's input columns of ``x`` and of ``const`` (default: ``x`` first). ReLUs run in place."""
+def _apply(seq: nn.Sequential, x: Tensor, const: Tensor | None = None) -> Tensor:
+    """Run ``seq`` on inputs ``[x, const]`` (``const`` the same for every row) without
+    materialising the constant columns: they fold into the first layer's bias. ReLUs run in place."""
     first = seq[0]
     if const is None:
         h = first(x)
     else:
         n = x.shape[-1]
-        var, fixed = columns if columns is not None else (list(range(n)), list(range(n, first.in_features)))
-        w_var = first.weight[:, var] if columns is not None else first.weight[:, :n]
-        h = F.linear(x, w_var, first.bias + first.weight[:, fixed] @ const)
+        h = F.linear(x, first.weight[:, :n], first.bias + first.weight[:, n:] @ const)
     for layer in list(seq)[1:]:
         h = torch.relu_(h) if isinstance(layer, nn.ReLU) else layer(h)
+    return h
+
+
+def _apply_columns(seq: nn.Sequential, x: Tensor, const: Tensor | None = None,
+                   columns: tuple[list[int], list[int]] | None = None) -> Tensor:
+    """:func:`_apply` in feature-major layout: ``x`` is ``(features, P)`` and so is the result.
+
+    For per-parameter MLPs over hundreds of thousands of parameters this is the fast layout:
+    features are built by stacking contiguous rows, every layer is one wide GEMM, and biases are
+    added in place instead of being broadcast-copied."""
+    layers = list(seq)
+    first = layers[0]
+    n = x.shape[0]
+    var, fixed = columns if columns is not None else (list(range(n)), list(range(n, first.in_features)))
+    w_var = first.weight[:, var] if columns is not None else first.weight[:, :n]
+    bias = first.bias if const is None else first.bias + first.weight[:, fixed] @ const
+    h = (w_var @ x).add_(bias.unsqueeze(1))
+    for layer in layers[1:]:
+        h = torch.relu_(h) if isinstance(layer, nn.ReLU) else (layer.weight @ h).add_(layer.bias.unsqueeze(1))
     return h
 
 
@@ -77,12 +92,12 @@ def _rms(x: Tensor) -> Tensor:
 
 
 def _normalise_per_tensor(x: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """Each column of ``x`` ``(P, F)`` divided by its RMS within each parameter tensor.
+    """Each row of ``x`` ``(F, P)`` divided by its RMS within each parameter tensor.
 
-    Parameter tensors are consecutive runs of ``sizes`` rows, so this is one pass per tensor
+    Parameter tensors are consecutive runs of ``sizes`` columns, so this is one pass per tensor
     over a slice (no scatter/gather over all parameters)."""
-    parts = [part / torch.sqrt(part.pow(2).mean(0, keepdim=True) + _EPS) for part in x.split(list(sizes))]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts = [part / torch.sqrt(part.pow(2).mean(1, keepdim=True) + _EPS) for part in x.split(list(sizes), dim=1)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 #: first-layer columns of the coefficient MLP: (per-weight w, B, |g| history), (constant depth, log fan-in)
@@ -135,10 +150,10 @@ class LearnedBackward(BackwardRule):
         h = torch.log(torch.sqrt(hist + 1e-30) + 1e-8) / 10 if hist is not None else torch.zeros_like(w)
         fan_in = w.numel() / max(ctx.layer.weight.shape[0], 1)  # type: ignore[union-attr]
         dtype = self.alpha.dtype
-        feats = torch.stack([w / rw, fb / rb, h], dim=1).to(dtype)  # + constants: depth, log fan-in
+        feats = torch.stack([w / rw, fb / rb, h]).to(dtype)  # (3, P_w) + constants: depth, log fan-in
         const = torch.tensor([ctx.depth, math.log(fan_in) / 5], dtype=dtype)
         d = self.state_dim
-        learned = _apply(self.coef_mlp, feats, const, _COEF_COLUMNS).to(w.dtype).view(-1, d, d) * rw
+        learned = _apply_columns(self.coef_mlp, feats, const, _COEF_COLUMNS).to(w.dtype).t().reshape(-1, d, d) * rw
         base = self.alpha * w + self.beta * fb
         if d == 1:
             return base + learned.view(-1)
@@ -224,13 +239,13 @@ class LearnedUpdate(UpdateRule):
         new["v"] = v
         v_hat = v / (1 - 0.999**t)
         rsqrt = 1.0 / (torch.sqrt(v_hat + 1e-30) + 1e-8)  # +1e-30: finite derivative at v = 0
-        raw = torch.stack([*signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta], dim=1)
+        raw = torch.stack([*signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta])  # (F, P)
         sizes = ctx.sizes or tuple(torch.bincount(ctx.segments, minlength=ctx.num_segments).tolist())
         normed = _normalise_per_tensor(raw, sizes)
         dtype = self.log_lr_scale.dtype
         time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=dtype)
-        out = _apply(self.net, normed.to(dtype), time).to(g.dtype)
-        direction, magnitude = out[:, 0], out[:, 1]
+        out = _apply_columns(self.net, normed.to(dtype), time).to(g.dtype)
+        direction, magnitude = out[0], out[1]
         learned = self.lr * direction * torch.exp(self.exp_mult * magnitude)
         delta = self.max_step * torch.tanh(learned / self.max_step)
         if self.use_adam:
