@@ -45,7 +45,7 @@ def _metrics(run_dir):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+@pytest.mark.parametrize("estimator", ["tbptt", "es", "pes"])
 def test_two_workers_equal_one_process_with_both_task_slots(tmp_path, estimator):
     res = _torchrun(2, "--config", _config(tmp_path, estimator=estimator), "--out", tmp_path / "two")
     assert res.returncode == 0, res.stderr[-2000:]

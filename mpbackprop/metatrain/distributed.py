@@ -5,7 +5,8 @@ Launch with ``torchrun --nproc-per-node N -m mpbackprop meta-train ...`` (add ``
 worker ``r`` of ``W`` runs slots ``r·M … r·M+M−1`` with ``M = tasks_per_step`` — computes its
 meta-gradient estimate, and the estimates are averaged with one all-reduce (gloo on CPU, NCCL
 when CUDA is used). Every slot has its own seeded random streams, so W workers reproduce one
-process running W·M slots. Rank 0 alone writes files; the other ranks send it their inner
+process running W·M slots. For ES/PES only scalars travel (see :class:`~.estimators.AntitheticES`).
+Rank 0 alone writes files; the other ranks send it their inner
 states (``gather_object``) so that ``state.pt`` resumes the whole run. A worker that dies makes
 the collective calls of the others fail: they stop with one clear line, and the last checkpoint
 (written atomically) stays intact for ``--resume`` (or torchrun's elastic restart).
@@ -50,11 +51,15 @@ class Workers:
 
     def mean(self, t: Tensor) -> Tensor:
         """Average ``t`` over workers (identity in one process)."""
+        return self.sum(t) / self.world_size if self.distributed else t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over workers (identity in one process)."""
         if not self.distributed:
             return t
         out = t.detach().clone()
         _collective(lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM))
-        return out / self.world_size
+        return out
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every worker's ``obj`` on rank 0 (``None`` elsewhere)."""

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..rules import BackwardRule, UpdateRule
 from ..tasks import TaskFamily
 from .config import MetaConfig
+from .distributed import Workers
 from .inner import InnerState, new_inner, sample_horizon, unroll
 
 __all__ = ["Estimate", "Estimator", "TruncatedBackprop", "AntitheticES", "PersistentES", "make_estimator",
@@ -41,6 +42,7 @@ class Estimate:
     meta_loss: float  # mean weighted log validation loss over tasks (nan when no weight this step)
     resets: int = 0  # inner runs reset because they diverged
     finished: int = 0  # inner runs that reached their horizon
+    reduced: bool = False  # already combined over all workers (ES/PES exchange scalars themselves)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,129 +148,161 @@ class TruncatedBackprop(Estimator):
 
 
 class AntitheticES(Estimator):
-    """Antithetic ES over one truncation from a shared inner state."""
+    """Antithetic ES over one truncation from a shared inner state.
+
+    Distributed, only scalars travel: every worker draws the perturbations of *every* task slot
+    from the slots' shared seeded streams (same order everywhere), evaluates ``L(φ±ε)`` for its
+    own slots, and one all-reduce sums the per-pair coefficients ``(L⁺−L⁻)/2σ²`` (plus losses
+    and reset flags); each worker then rebuilds the same gradient ``Σ coef·ε``.
+    """
 
     name = "es"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.noise = [torch.Generator().manual_seed(self.cfg.seed * 100_003 + 12_345 + k) for k in self.slots]
+    def __init__(self, cfg: MetaConfig, family: TaskFamily, rule: BackwardRule, update: UpdateRule,
+                 slots: list[int] | None = None, workers: Workers | None = None) -> None:
+        super().__init__(cfg, family, rule, update, slots)
+        self.workers = workers or Workers()
+        self.all_slots = list(range(self.workers.world_size * cfg.tasks_per_step)) if slots is not None \
+            else list(self.slots)
+        self.noise = {k: torch.Generator().manual_seed(cfg.seed * 100_003 + 12_345 + k) for k in self.all_slots}
 
-    def _eps(self, i: int) -> Tensor:
-        return torch.randn(self._zeros().shape, generator=self.noise[i], dtype=torch.float64) * self.cfg.es_sigma
+    def _draw(self) -> dict[int, list[Tensor]]:
+        """This step's perturbations of every slot (every worker draws all of them, in order)."""
+        size = self._zeros().shape
+        return {k: [torch.randn(size, generator=self.noise[k], dtype=torch.float64) * self.cfg.es_sigma
+                    for _ in range(self.cfg.es_pairs)] for k in self.all_slots}
 
-    def _pair_loss(self, inner: InnerState, eps: Tensor) -> tuple[float, float, bool]:
+    def _pair_loss(self, inner: InnerState, eps: Tensor) -> tuple[float, float]:
         out = []
         for sign in (1.0, -1.0):
             trial = inner.copy()
             with perturbed(self.params, sign * eps), torch.no_grad():
                 res = self._unroll(trial, differentiable=False)
             if res.diverged or res.weight == 0:
-                return math.nan, math.nan, res.diverged
+                return math.nan, math.nan
             out.append(float(res.meta_loss) / res.weight)
-        return out[0], out[1], False
+        return out[0], out[1]
+
+    def _combine(self, coef: Tensor, loss: Tensor, used: Tensor, flags: Tensor,
+                 directions: dict[int, list[Tensor]]) -> tuple[Estimate, Tensor]:
+        """Sum the per-slot scalars over workers and rebuild the gradient from ``directions``."""
+        shapes = [t.shape for t in (coef, loss, used, flags)]
+        packed = self.workers.sum(torch.cat([t.reshape(-1) for t in (coef, loss, used, flags)]))
+        coef, loss, used, flags = [p.view(sh) for p, sh in zip(packed.split([sh.numel() for sh in shapes]), shapes)]
+        grad = self._zeros()
+        for row, k in enumerate(self.all_slots):
+            for j, direction in enumerate(directions[k]):
+                if used[row, j] > 0:
+                    grad += coef[row, j] * direction
+        n = float(used.sum())
+        est = Estimate(grad / max(n, 1.0), float(loss.sum()) / n if n else float("nan"),
+                       int(flags[:, 0].sum()), int(flags[:, 1].sum()), reduced=True)
+        return est, flags
+
+    def _scalars(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k, p = len(self.all_slots), self.cfg.es_pairs
+        z = torch.zeros(k, p, dtype=torch.float64)
+        return z.clone(), z.clone(), z.clone(), torch.zeros(k, 2, dtype=torch.float64)
 
     def estimate(self) -> Estimate:
         self._ensure()
         sigma2 = self.cfg.es_sigma**2
-        grad = self._zeros()
-        losses, resets, finished, used = [], 0, 0, 0
-        for i, inner in enumerate(self.inner):
-            for _ in range(self.cfg.es_pairs):
-                eps = self._eps(i)
-                lp, lm, _ = self._pair_loss(inner, eps)
+        eps = self._draw()
+        coef, loss, used, flags = self._scalars()
+        for i, (inner, slot) in enumerate(zip(self.inner, self.slots)):
+            row = self.all_slots.index(slot)
+            for j, e in enumerate(eps[slot]):
+                lp, lm = self._pair_loss(inner, e)
                 if math.isfinite(lp) and math.isfinite(lm):
-                    grad += (lp - lm) / (2 * sigma2) * eps
-                    losses.append(0.5 * (lp + lm))
-                    used += 1
+                    coef[row, j], loss[row, j], used[row, j] = (lp - lm) / (2 * sigma2), 0.5 * (lp + lm), 1.0
             with torch.no_grad():
                 res = self._unroll(inner, differentiable=False)
-            if res.diverged:
+            if res.diverged or inner.done:
+                flags[row, 0 if res.diverged else 1] = 1.0
                 self.inner[i] = self._fresh(i)
-                resets += 1
-            elif inner.done:
-                finished += 1
-                self.inner[i] = self._fresh(i)
-        grad = grad / max(used, 1)
-        mean = sum(losses) / len(losses) if losses else float("nan")
-        return Estimate(grad, mean, resets, finished)
+        est, _ = self._combine(coef, loss, used, flags, eps)
+        return est
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "noise": [g.get_state() for g in self.noise]}
+        return {**super().state_dict(), "noise": [self.noise[k].get_state() for k in self.all_slots]}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
-        for g, state in zip(self.noise, d["noise"]):
-            g.set_state(state)
+        for k, state in zip(self.all_slots, d["noise"]):
+            self.noise[k].set_state(state)
 
 
 class PersistentES(AntitheticES):
-    """PES: per-pair persistent inner states and accumulated perturbations."""
+    """PES: per-pair persistent inner states and accumulated perturbations ``ξ``.
+
+    Every worker keeps ``ξ`` of every slot (it knows every slot's perturbations and, through the
+    all-reduced flags, when a slot's task restarts), so only scalars travel here too.
+    """
 
     name = "pes"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pairs: list[list[tuple[InnerState, InnerState]]] = []
-        self.xi: list[list[Tensor]] = []
+        self.xi = {k: [self._zeros() for _ in range(self.cfg.es_pairs)] for k in self.all_slots}
 
-    def _new_pairs(self, inner: InnerState) -> tuple[list[tuple[InnerState, InnerState]], list[Tensor]]:
-        return ([(inner.copy(), inner.copy()) for _ in range(self.cfg.es_pairs)],
-                [self._zeros() for _ in range(self.cfg.es_pairs)])
+    def _new_pairs(self, inner: InnerState) -> list[tuple[InnerState, InnerState]]:
+        return [(inner.copy(), inner.copy()) for _ in range(self.cfg.es_pairs)]
 
     def _ensure(self) -> None:
         super()._ensure()
         while len(self.pairs) < len(self.inner):
-            p, x = self._new_pairs(self.inner[len(self.pairs)])
-            self.pairs.append(p)
-            self.xi.append(x)
+            self.pairs.append(self._new_pairs(self.inner[len(self.pairs)]))
 
     def estimate(self) -> Estimate:
         self._ensure()
         sigma2 = self.cfg.es_sigma**2
-        grad = self._zeros()
-        losses, resets, finished, used = [], 0, 0, 0
-        for i in range(len(self.inner)):
+        eps = self._draw()
+        for k in self.all_slots:
+            self.xi[k] = [x + e for x, e in zip(self.xi[k], eps[k])]
+        coef, loss, used, flags = self._scalars()
+        for i, slot in enumerate(self.slots):
+            row = self.all_slots.index(slot)
             reset = False
             for j, (plus, minus) in enumerate(self.pairs[i]):
-                eps = self._eps(i)
-                self.xi[i][j] = self.xi[i][j] + eps
                 vals = []
                 for state, sign in ((plus, 1.0), (minus, -1.0)):
-                    with perturbed(self.params, sign * eps), torch.no_grad():
+                    with perturbed(self.params, sign * eps[slot][j]), torch.no_grad():
                         res = self._unroll(state, differentiable=False)
                     reset |= res.diverged
                     vals.append(float(res.meta_loss) / res.weight if res.weight > 0 else math.nan)
                 if all(math.isfinite(v) for v in vals):
-                    grad += (vals[0] - vals[1]) / (2 * sigma2) * self.xi[i][j]
-                    losses.append(0.5 * (vals[0] + vals[1]))
-                    used += 1
+                    coef[row, j], loss[row, j], used[row, j] = (vals[0] - vals[1]) / (2 * sigma2), \
+                        0.5 * (vals[0] + vals[1]), 1.0
             done = self.pairs[i][0][0].done
             if reset or done:
-                resets += int(reset)
-                finished += int(done and not reset)
+                flags[row, 0 if reset else 1] = 1.0
                 self.inner[i] = self._fresh(i)
-                self.pairs[i], self.xi[i] = self._new_pairs(self.inner[i])
-        grad = grad / max(used, 1)
-        mean = sum(losses) / len(losses) if losses else float("nan")
-        return Estimate(grad, mean, resets, finished)
+                self.pairs[i] = self._new_pairs(self.inner[i])
+        est, flags = self._combine(coef, loss, used, flags, self.xi)
+        for row, k in enumerate(self.all_slots):  # restarted tasks start a new accumulation
+            if flags[row].sum() > 0:
+                self.xi[k] = [self._zeros() for _ in range(self.cfg.es_pairs)]
+        return est
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(),
                 "pairs": [[(p.to_dict(), m.to_dict()) for p, m in row] for row in self.pairs],
-                "xi": [list(row) for row in self.xi]}
+                "xi": [list(self.xi[k]) for k in self.all_slots]}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
         self.pairs = [[(InnerState.from_dict(p), InnerState.from_dict(m)) for p, m in row] for row in d["pairs"]]
-        self.xi = [list(row) for row in d["xi"]]
+        self.xi = {k: list(row) for k, row in zip(self.all_slots, d["xi"])}
 
 
 def make_estimator(cfg: MetaConfig, family: TaskFamily, rule: BackwardRule, update: UpdateRule,
-                   slots: list[int] | None = None) -> Estimator:
+                   slots: list[int] | None = None, workers: Workers | None = None) -> Estimator:
     """The estimator ``cfg.estimator`` over task ``slots`` (default: ``0..tasks_per_step-1``)."""
-    cls = {"tbptt": TruncatedBackprop, "es": AntitheticES, "pes": PersistentES}[cfg.estimator]
-    return cls(cfg, family, rule, update, slots)
+    if cfg.estimator == "tbptt":
+        return TruncatedBackprop(cfg, family, rule, update, slots)
+    cls = AntitheticES if cfg.estimator == "es" else PersistentES
+    return cls(cfg, family, rule, update, slots, workers)
 
 
 def _as_tuple(x: Any) -> Any:

@@ -124,7 +124,7 @@ class MetaTrainer:
         self.family = get_family(cfg.family)
         self.rule, self.update = build_rules(cfg)
         self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update,
-                                                   self.workers.slots(cfg.tasks_per_step))
+                                                   self.workers.slots(cfg.tasks_per_step), self.workers)
         self.params = self.estimator.params
         self.opt = torch.optim.Adam(self.params, lr=cfg.meta_lr)
         self.valid_specs = self.family.tasks("valid", cfg.eval_tasks, seed=cfg.seed)
@@ -237,8 +237,11 @@ class MetaTrainer:
         if fault and int(fault) == self.step + 1 and self.workers.rank == self.workers.world_size - 1:
             os._exit(3)
         est = self.estimator.estimate()
-        grad = self.workers.mean(est.grad)
-        loss = float(self.workers.mean(torch.tensor([est.meta_loss], dtype=torch.float64))[0])
+        if est.reduced:  # ES/PES combined their scalars over workers already
+            grad, loss = est.grad, est.meta_loss
+        else:
+            grad = self.workers.mean(est.grad)
+            loss = float(self.workers.mean(torch.tensor([est.meta_loss], dtype=torch.float64))[0])
         norm = float(grad.norm())
         skipped = not (math.isfinite(norm) and math.isfinite(loss))
         if skipped:
