@@ -29,3 +29,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def replace_section(text: str, start: str, end: str, body: list[str], heading: str) -> str:
+    """Replace the lines between the markers ``start`` and ``end`` (``body`` includes both); if the
+    markers are missing, append ``body`` under a new ``## heading``. For generated README sections."""
+    if start in text and end in text:
+        return text[:text.index(start)] + "\n".join(body) + text[text.index(end) + len(end):]
+    return text.rstrip() + f"\n\n## {heading}\n\n" + "\n".join(body) + "\n"

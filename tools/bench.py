@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mpbackprop as mp
+from mpbackprop._io import replace_section
 from mpbackprop.engine import train_step
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, LearnedBackward, LearnedUpdate
 
@@ -258,12 +259,7 @@ def _write_readme(path: Path, result: dict[str, Any]) -> None:
                     f"{d2['tasks_per_min']:.0f} tasks/min ({d1['outer_steps_per_min']:.0f} → "
                     f"{d2['outer_steps_per_min']:.0f} outer steps/min, each averaging 4 tasks per process).")
     body += ["", END]
-    text = path.read_text()
-    if START in text and END in text:
-        text = text[:text.index(START)] + "\n".join(body) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Performance\n\n" + "\n".join(body) + "\n"
-    path.write_text(text)
+    path.write_text(replace_section(path.read_text(), START, END, body, "Performance"))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mpbackprop import evaluation as ev
+from mpbackprop._io import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -68,12 +69,6 @@ def _table(doc: dict) -> list[str]:
 
 
 A_START, A_END = "<!-- analysis:start -->", "<!-- analysis:end -->"
-
-
-def _replace(text: str, start: str, end: str, body: list[str], heading: str) -> str:
-    if start in text and end in text:
-        return text[:text.index(start)] + "\n".join(body) + text[text.index(end) + len(end):]
-    return text.rstrip() + f"\n\n## {heading}\n\n" + "\n".join(body) + "\n"
 
 
 def _analysis(args: argparse.Namespace, rel: Path) -> list[str]:
@@ -127,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         body += ["", f"![{suite}]({rel}/curves-{suite}.png)", ""]
     body.append(END)
     readme = Path(args.readme)
-    text = _replace(readme.read_text(), START, END, body, "Results")
+    text = replace_section(readme.read_text(), START, END, body, "Results")
     if not args.no_analysis:
-        text = _replace(text, A_START, A_END, _analysis(args, rel), "What the learned backward pass does")
+        text = replace_section(text, A_START, A_END, _analysis(args, rel), "What the learned backward pass does")
     readme.write_text(text)
     print(f"README results section regenerated from {args.out}/")
     return 0
