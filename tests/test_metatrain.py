@@ -117,6 +117,9 @@ def test_corrupt_or_foreign_state_is_refused(tmp_path):
         MetaTrainer(cfg, tmp_path, resume=True)
     with pytest.raises(GraphFileError):
         MetaTrainer(cfg, tmp_path / "empty", resume=True)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(GraphFileError, match="config.json"):
+        MetaTrainer(cfg, tmp_path, resume=True)
 
 
 def test_objective_weights():

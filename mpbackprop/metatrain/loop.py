@@ -119,7 +119,10 @@ class MetaTrainer:
         if resume:
             if not state_path.is_file():
                 raise GraphFileError(f"{self.out}: nothing to resume (no state.pt); run without --resume")
-            cfg = MetaConfig.load(self.out / "config.json").replace(outer_steps=cfg.outer_steps)
+            try:
+                cfg = MetaConfig.load(self.out / "config.json").replace(outer_steps=cfg.outer_steps)
+            except (OSError, ValueError, TypeError) as exc:
+                raise GraphFileError(f"{self.out / 'config.json'}: cannot resume with this config ({exc})") from exc
         self.cfg = cfg
         self.family = get_family(cfg.family)
         self.rule, self.update = build_rules(cfg)
