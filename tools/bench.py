@@ -146,6 +146,14 @@ def meta_training_probe(steps: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def distributed_probe(steps: int) -> dict[str, Any]:
     """Outer steps (and tasks) per minute of the default meta-training with 1 and 2 processes
     (``torchrun --nproc-per-node 2``: each process runs its own tasks_per_step tasks)."""
@@ -157,11 +165,12 @@ def distributed_probe(steps: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = Path(tmp) / "cfg.json"
             cfg.write_text(json.dumps({"outer_steps": steps + 1, "eval_every": 10**6, "checkpoint_every": 10**6}))
-            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                       "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
                       if nproc == 2 else [sys.executable])
             subprocess.run([*launch, "-m", "mpbackprop", "meta-train", "--config", str(cfg), "--out", tmp,
-                            "--no-progress"], capture_output=True, text=True, check=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            "--no-progress"], capture_output=True, text=True, check=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
             rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][2:]
             per_min = 60 * len(rows) / sum(r["seconds"] for r in rows)
             out[f"{nproc}_process"] = {"outer_steps_per_min": round(per_min, 1), "tasks_per_min": round(per_min * 4 * nproc, 1)}

@@ -1,7 +1,8 @@
 """Meta-training on ``torch.distributed``: one outer loop, several workers.
 
 Launch with ``torchrun --nproc-per-node N -m mpbackprop meta-train ...`` (add ``--nnodes`` and
-``--rdzv-endpoint HOST:PORT`` for several machines). Each worker runs its own task slots —
+``--rdzv-endpoint HOST:PORT`` for several machines). ``MPBACKPROP_DIST_TIMEOUT`` (seconds, default
+1800) bounds how long a collective waits for a silent worker. Each worker runs its own task slots —
 worker ``r`` of ``W`` runs slots ``r·M … r·M+M−1`` with ``M = tasks_per_step`` — computes its
 meta-gradient estimate, and the estimates are averaged with one all-reduce (gloo on CPU, NCCL
 when CUDA is used). Every slot has its own seeded random streams, so W workers reproduce one
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -74,8 +76,14 @@ class Workers:
             _collective(dist.barrier)
 
     def close(self) -> None:
+        """Wait for every worker, then leave. The process group is not destroyed: with gloo,
+        ``destroy_process_group`` sometimes never returns once a peer is gone (seen with torch 2.2),
+        and the group ends with the process anyway."""
         if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer already left: nothing to wait for
+                pass
 
 
 def _collective(call: Callable[[], Any]) -> Any:
@@ -93,5 +101,7 @@ def from_environment() -> Workers:
         return Workers()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("MPBACKPROP_BACKEND") == "nccl" else "gloo"
-        dist.init_process_group(backend=backend)
+        # collectives wait at most this long for a silent peer (torch's default is 30 minutes)
+        timeout = timedelta(seconds=float(os.environ.get("MPBACKPROP_DIST_TIMEOUT", "1800")))
+        dist.init_process_group(backend=backend, timeout=timeout)
     return Workers(dist.get_rank(), dist.get_world_size())
