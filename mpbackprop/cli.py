@@ -590,6 +590,12 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
     from .metatrain.distributed import from_environment
 
     out = out or Path("runs") / f"{cfg.family}-{cfg.estimator}-s{cfg.seed}"
+    saved = out / "config.json"
+    if resume and flags.get("outer_steps") is None and config_path is None and saved.is_file():
+        try:  # --resume without --outer-steps: the run's own length, not the default
+            cfg = cfg.replace(outer_steps=int(json.loads(saved.read_text())["outer_steps"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # MetaTrainer reports an unreadable config
     workers = from_environment()  # torchrun sets WORLD_SIZE/RANK; a plain run is one worker
     try:
         trainer = MetaTrainer(cfg, out, resume=resume, workers=workers)

@@ -68,6 +68,11 @@ def test_meta_train_resume_and_evaluate(tmp_path):
     assert res.exit_code == 0, res.output
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [0, 1, 2, 3]
+    # --resume without --outer-steps keeps the run's own length (3), not the default
+    res = run("meta-train", "--out", out, "--resume", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "config.json").read_text())["outer_steps"] == 3
 
     res = run("evaluate", out, "--family", "tabular-mlp", "--steps", "4", "--seeds", "2", "--tasks", "1",
               "--tuning-seeds", "1", "--json", "--no-progress", "--out", tmp_path / "ev", "--plot",

@@ -141,6 +141,7 @@ class MetaTrainer:
         elif self.is_writer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.is_writer:  # on resume too: a new --outer-steps is part of the run's config from now on
             atomic_write(self.out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_json(), indent=2)))
 
     # ------------------------------------------------------------ checkpoints
