@@ -246,7 +246,7 @@ def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, messag
     message_step = steps - 1 if message_step is None else min(message_step, steps - 1)
     analyses = []
     for name, (backward, update) in rules.items():
-        gen = torch.Generator().manual_seed(spec.data_seed * 7919 + seed)
+        gen = task.batch_generator(seed)  # the same batches as evaluate's runs of this seed
         an = analyze(task.net, task.theta0.clone(), lambda: task.batch(gen), lambda th: task.evaluate(th)[0],
                      backward, update, steps, task.loss, adam_lr, (message_step,), name)
         analyses.append(an)

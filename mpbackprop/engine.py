@@ -194,7 +194,6 @@ def backward(
     B: list[Tensor | None] = [None] * n
     seed_ctx = NodeContext(layers[out], dloss_da.t(), z_t[out], a_t[out], fprime(out), out / depth_den, True)  # type: ignore[arg-type]
     M[out] = rule.seed(dloss_da.t().contiguous(), seed_ctx)
-    received = list(M)
     parts: dict[int, Tensor] = {}  # param offset -> (numel, d)
     history = history or {}
 
@@ -248,11 +247,10 @@ def backward(
             if s != 0:
                 piece = msgs[start:start + size]
                 M[s] = piece if M[s] is None else M[s] + piece
-                received[s] = M[s]
             start += size
 
     signal = _assemble(net, parts, d, theta)
-    return BackwardResult(signal, B, received)
+    return BackwardResult(signal, B, M)
 
 
 def _assemble(net: CompiledNetwork, parts: dict[int, Tensor], d: int, theta: Tensor) -> Tensor:

@@ -98,7 +98,7 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
     theta = task.theta0.clone()
     opt = update.init_state(theta)
     rs = backward.init_state(task.net)
-    gen = torch.Generator().manual_seed(spec.data_seed * 7919 + seed)
+    gen = task.batch_generator(seed)  # same batches for every method of this seed
     losses, accs = [], []
     elapsed = 0.0
     diverged = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -263,9 +263,6 @@ class TaskFamily:
         """A fixed list of ``n`` tasks of ``split`` (same ``seed`` → same list)."""
         rng = random.Random(f"{self.name}/{split}/{seed}")
         return [self.sample(rng, split) for _ in range(n)]
-
-    def with_(self, **changes: Any) -> "TaskFamily":
-        return replace(self, **changes)
 
 
 FAMILIES: dict[str, TaskFamily] = {
