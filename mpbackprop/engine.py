@@ -112,7 +112,24 @@ def _dense_linear(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, bat
     """
     n_out, n_in = layer.weight.shape
     d = b.shape[1]
-    bb = b.view(-1, n_out, d, batch)  # (rows, out, d, B)
+    rows = b.shape[0] // n_out
+    if rows == 1:  # the usual case: plain matrix products on the stored layouts, no permuting copies
+        b2 = b.view(n_out * d, batch)  # (out·d, B)
+        a2 = a_src.t()  # (B, in): a_src is a transposed view of the (B, in) record
+        g = b2 @ a2 / batch  # (out·d, in)
+        g_w = (g if d == 1 else g.view(n_out, d, n_in).transpose(1, 2)).reshape(-1, d)
+        g_b = b2.sum(1).view(n_out, d) / batch if layer.bias is not None else None
+        msgs = None
+        if want_messages and coef is not None:
+            if coef.dim() == 1:  # (in, out) @ (out, d·B)
+                msgs = coef.view(n_out, n_in).t() @ b.view(n_out, d * batch)
+            elif coef.dim() == 2:
+                msgs = torch.einsum("oic,ocb->icb", coef.view(n_out, n_in, d), b)
+            else:  # one GEMM: (in·d, out·d) @ (out·d, B)
+                msgs = coef.view(n_out, n_in, d, d).permute(1, 2, 0, 3).reshape(n_in * d, n_out * d) @ b2
+            msgs = msgs.reshape(n_in, d, batch)
+        return g_w, g_b, msgs
+    bb = b.view(rows, n_out, d, batch)  # (rows, out, d, B)
     aa = a_src.reshape(-1, n_in, batch)  # (rows, in, B)
     g_w = torch.einsum("rib,rocb->oic", aa, bb).reshape(-1, d) / batch
     g_b = bb.sum((0, 3)) / batch if layer.bias is not None else None
@@ -124,7 +141,6 @@ def _dense_linear(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, bat
             msgs = torch.einsum("oic,rocb->ricb", coef.view(n_out, n_in, d), bb)
         else:  # one GEMM: (in·d, out·d) @ (out·d, rows·B)
             c2 = coef.view(n_out, n_in, d, d).permute(1, 2, 0, 3).reshape(n_in * d, n_out * d)
-            rows = bb.shape[0]
             b2 = bb.permute(1, 2, 0, 3).reshape(n_out * d, rows * batch)
             msgs = (c2 @ b2).view(n_in, d, rows, batch).permute(2, 0, 1, 3)
         msgs = msgs.reshape(-1, d, batch)

@@ -39,3 +39,11 @@ def test_scaling_exponent_fits_a_power_law():
     cases = [{"case": n, "params": p, "ms_per_step": {"exact": 0.001 * p ** 1.1}}
              for n, p in zip(bench.MLPS, (1e4, 1e5, 1e6))]
     assert abs(bench.scaling_exponent(cases) - 1.1) < 1e-9
+
+
+def test_marginal_scaling_exponent_removes_the_fixed_step_cost():
+    bench = _load("bench")
+    cases = [{"case": n, "params": p, "ms_per_step": {"exact": 0.5 + 1e-5 * p}}
+             for n, p in zip(bench.MLPS, (1e4, 1e5, 1e6))]
+    assert bench.scaling_exponent(cases) < 0.8  # a fixed cost flattens the raw slope
+    assert abs(bench.scaling_exponent(cases, overhead_ms=0.5) - 1.0) < 1e-9

@@ -4,9 +4,14 @@
 
 Each case times one full training step (forward, backward, update) of
 autograd+SGD, autograd+Adam, and the engine with ``exact``+SGD, ``fa``+SGD and
-``learned`` backward + learned update, on the same batch, interleaved so that machine
-noise hits all methods alike. Reported: median milliseconds per step and ratios to
-autograd+SGD (and learned to autograd+Adam).
+``learned`` — the packaged default rule (or ``--rule``), learned backward + learned update —
+on the same batch, interleaved so that machine noise hits all methods alike. Reported: median
+milliseconds per step and ratios to autograd+SGD (and learned to autograd+Adam).
+
+Scaling: ``scaling_exponent`` is the least-squares slope of log(exact step time) against
+log(parameters) over the three MLPs; ``scaling_exponent_autograd`` is the same for autograd+SGD
+(the reference: a fixed per-step cost flattens both); ``scaling_exponent_marginal`` subtracts
+the step time of a tiny MLP (``mlp-4-4-2``, the fixed per-step cost) before taking the slope.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 import mpbackprop as mp
 from mpbackprop._io import replace_section
 from mpbackprop.engine import train_step
-from mpbackprop.rules import SGD, Exact, FeedbackAlignment, LearnedBackward, LearnedUpdate
+from mpbackprop.rules import SGD, Exact, FeedbackAlignment, load_rule, rule_path
 
 class _SmallConvNet(nn.Module):
     def __init__(self) -> None:
@@ -53,6 +58,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "convnet-1x8x8": (_SmallConvNet, (1, 8, 8)),
 }
 MLPS = ["mlp-64-128-10", "mlp-64-256-256-10", "mlp-784-512-512-10"]
+TINY = "mlp-4-4-2"
+CASES[TINY] = (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (4,))
 BIG = "mlp-784-512-512-10"
 
 
@@ -75,7 +82,7 @@ def _engine_step(net, rule, update, x, y) -> Callable[[], None]:
     return run
 
 
-def bench_case(name: str, batch: int, repeats: int) -> dict[str, Any]:
+def bench_case(name: str, batch: int, repeats: int, rule: str = "default") -> dict[str, Any]:
     factory, shape = CASES[name]
     torch.manual_seed(0)
     model = factory()
@@ -91,7 +98,7 @@ def bench_case(name: str, batch: int, repeats: int) -> dict[str, Any]:
         "autograd_adam": _autograd_step(m_adam, torch.optim.Adam(m_adam.parameters(), lr=1e-3), x, y),
         "exact": _engine_step(net, Exact(), SGD(0.01), x, y),
         "fa": _engine_step(net, FeedbackAlignment(), SGD(0.01), x, y),
-        "learned": _engine_step(net, LearnedBackward(state_dim=2), LearnedUpdate(signal_dim=2), x, y),
+        "learned": _engine_step(net, *load_rule(rule_path(rule))[:2], x, y),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for run in runs.values():  # warm-up
@@ -177,11 +184,12 @@ def distributed_probe(steps: int) -> dict[str, Any]:
     return out
 
 
-def scaling_exponent(cases: list[dict[str, Any]]) -> float:
-    """Least-squares slope of log(exact step time) against log(parameter count) over the MLPs."""
+def scaling_exponent(cases: list[dict[str, Any]], method: str = "exact", overhead_ms: float = 0.0) -> float:
+    """Least-squares slope of log(step time − overhead) against log(parameter count) over the MLPs."""
     import math
 
-    pts = [(math.log(c["params"]), math.log(c["ms_per_step"]["exact"])) for c in cases if c["case"] in MLPS]
+    pts = [(math.log(c["params"]), math.log(max(c["ms_per_step"][method] - overhead_ms, 1e-6)))
+           for c in cases if c["case"] in MLPS]
     mx = sum(p[0] for p in pts) / len(pts)
     my = sum(p[1] for p in pts) / len(pts)
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
@@ -196,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meta-steps", type=int, default=10, help="outer steps timed for the meta-training probe")
     ap.add_argument("--quick", action="store_true", help="smallest case, 3 repeats, no meta probe (smoke test)")
     ap.add_argument("--readme", default=None, help="regenerate the performance section of this README")
+    ap.add_argument("--rule", default="default", help="learned rule to time: 'default' (packaged), a .pt or a run dir")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ["mlp-64-128-10"] if args.quick else list(CASES)
     repeats = 3 if args.quick else args.repeats
-    cases = [bench_case(n, args.batch, repeats) for n in names]
+    cases = [bench_case(n, args.batch, repeats, args.rule) for n in names]
+    tiny = next((c for c in cases if c["case"] == TINY), None)
+    cases = [c for c in cases if c["case"] != TINY]
     big = next((c for c in cases if c["case"] == BIG), cases[-1])
     result: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
@@ -208,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {"exact_vs_autograd": big["ratios"]["exact_vs_autograd"],
                    "learned_vs_adam": big["ratios"]["learned_vs_adam"]},
         "scaling_exponent": round(scaling_exponent(cases), 3) if len(cases) > 2 else None,
+        "scaling_exponent_autograd": round(scaling_exponent(cases, "autograd_sgd"), 3) if len(cases) > 2 else None,
+        "scaling_exponent_marginal": (round(scaling_exponent(cases, "exact", tiny["ms_per_step"]["exact"]), 3)
+                                      if tiny and len(cases) > 2 else None),
+        "fixed_step_ms": tiny["ms_per_step"] if tiny else None,
         "cases": cases,
     }
     if not args.quick:
@@ -230,7 +245,9 @@ def _text(result: dict[str, Any]) -> list[str]:
         for k, v in c["ms_per_step"].items():
             lines.append(f"{c['case']:<22}{k:<16}{v:>10.2f}{v / base:>16.2f}")
     lines.append(f"ratios on {BIG}: {result['ratios']}")
-    lines.append(f"scaling exponent of exact step time vs parameters (MLPs): {result['scaling_exponent']}")
+    lines.append(f"scaling exponent of exact step time vs parameters (MLPs): {result['scaling_exponent']} "
+                 f"(autograd+SGD: {result['scaling_exponent_autograd']}; exact minus the fixed per-step cost: "
+                 f"{result['scaling_exponent_marginal']})")
     if "meta_training" in result:
         lines.append(f"meta-training (default family): {result['meta_training']}")
     if "distributed" in result:
@@ -239,6 +256,11 @@ def _text(result: dict[str, Any]) -> list[str]:
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _fixed(result: dict[str, Any]) -> str:
+    fixed = result.get("fixed_step_ms") or {}
+    return f"{fixed['exact']:.2f} ms, autograd+SGD {fixed['autograd_sgd']:.2f} ms" if fixed else "n/a"
 
 
 def _write_readme(path: Path, result: dict[str, Any]) -> None:
@@ -256,7 +278,9 @@ def _write_readme(path: Path, result: dict[str, Any]) -> None:
     body += ["", f"- `exact` / autograd+SGD on {BIG}: **{r['exact_vs_autograd']:.2f}×** (target ≤ 1.5×); "
              f"`learned` / autograd+Adam: **{r['learned_vs_adam']:.2f}×** (target ≤ 3×).",
              f"- Scaling exponent of `exact` step time against parameter count over the MLPs: "
-             f"**{result['scaling_exponent']}** (target 0.8–1.2)."]
+             f"**{result['scaling_exponent']}** (target 0.8–1.2; autograd+SGD: {result['scaling_exponent_autograd']}). "
+             f"Less the fixed per-step cost (the step time of `{TINY}`, exact {_fixed(result)}): "
+             f"**{result['scaling_exponent_marginal']}**."]
     if "meta_training" in result:
         mt = result["meta_training"]
         body.append(f"- Default meta-training: **{mt['outer_steps_per_min']:.0f} outer steps/min** "

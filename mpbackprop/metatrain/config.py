@@ -32,6 +32,12 @@ class MetaConfig:
     objective : str
         ``mean`` (mean log validation loss over the unroll), ``final`` (at ``T`` only), or
         ``mixed`` (``final_weight`` on the end, the rest spread over the unroll).
+    state_dim, hidden : int
+        Channels of the backward state and width of the backward rule's MLPs.
+    update_hidden, update_layers : int
+        Width and depth of the learned update's per-parameter MLP.
+    features : str
+        ``compact`` or ``full`` inputs of both learned rules (see :mod:`mpbackprop.rules.learned`).
     backward_init, update_init : str
         ``backprop``/``feedback`` and ``adam``/``scratch`` (see :mod:`mpbackprop.rules.learned`).
     """
@@ -46,8 +52,11 @@ class MetaConfig:
     final_weight: float = 0.5
     meta_lr: float = 3e-3
     clip_norm: float = 1.0
-    state_dim: int = 2
-    hidden: int = 16
+    state_dim: int = 1
+    hidden: int = 4
+    update_hidden: int = 4
+    update_layers: int = 1
+    features: str = "compact"
     backward_init: str = "backprop"
     update_init: str = "adam"
     update_lr: float = 1e-2
@@ -74,6 +83,10 @@ class MetaConfig:
             problems.append("truncation and tasks_per_step must be >= 1, outer_steps >= 0")
         if self.backward_init not in ("backprop", "feedback"):
             problems.append(f"backward_init must be backprop or feedback (got {self.backward_init!r})")
+        if self.features not in ("compact", "full"):
+            problems.append(f"features must be compact or full (got {self.features!r})")
+        if self.update_layers < 1 or self.update_hidden < 1 or self.hidden < 1:
+            problems.append("hidden, update_hidden and update_layers must be >= 1")
         if self.update_init not in ("adam", "scratch"):
             problems.append(f"update_init must be adam or scratch (got {self.update_init!r})")
         if problems:
@@ -95,6 +108,15 @@ class MetaConfig:
     @classmethod
     def load(cls, path: str | Path) -> "MetaConfig":
         return cls.from_json(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def load_run(cls, path: str | Path) -> "MetaConfig":
+        """A run's own ``config.json``; runs from before the ``features`` option had ``full`` rules
+        with two update layers as wide as ``hidden``."""
+        data = json.loads(Path(path).read_text())
+        if "features" not in data:
+            data = {"features": "full", "update_hidden": data.get("hidden", 16), "update_layers": 2, **data}
+        return cls.from_json(data)
 
     def replace(self, **changes: Any) -> "MetaConfig":
         return MetaConfig.from_json({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})

@@ -47,8 +47,10 @@ _STATE_FORMAT = "mpbackprop-metatrain-state"
 def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     """The learned backward and update rules a config describes (seeded)."""
     torch.manual_seed(cfg.seed)
-    rule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init, seed=cfg.seed)
-    update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.update_init, lr=cfg.update_lr)
+    rule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init, seed=cfg.seed,
+                           features=cfg.features)
+    update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
+                           features=cfg.features, init=cfg.update_init, lr=cfg.update_lr)
     return rule, update
 
 
@@ -120,7 +122,7 @@ class MetaTrainer:
             if not state_path.is_file():
                 raise GraphFileError(f"{self.out}: nothing to resume (no state.pt); run without --resume")
             try:
-                cfg = MetaConfig.load(self.out / "config.json").replace(outer_steps=cfg.outer_steps)
+                cfg = MetaConfig.load_run(self.out / "config.json").replace(outer_steps=cfg.outer_steps)
             except (OSError, ValueError, TypeError) as exc:
                 raise GraphFileError(f"{self.out / 'config.json'}: cannot resume with this config ({exc})") from exc
         self.cfg = cfg

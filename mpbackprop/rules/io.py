@@ -25,6 +25,10 @@ __all__ = ["save_rule", "load_rule", "rule_path", "DEFAULT_RULE", "BACKWARD_RULE
 
 _FORMAT = "mpbackprop-rule"
 
+#: What learned rules whose files predate the ``layers``/``features`` options were.
+_LEGACY_LEARNED_UPDATE = {"layers": 2, "features": "full"}
+_LEGACY_LEARNED_BACKWARD = {"features": "full"}
+
 #: The rule shipped with the package (made by ``mpbackprop meta-train``; provenance beside it).
 DEFAULT_RULE = Path(__file__).resolve().parents[1] / "data" / "default_rule.pt"
 
@@ -78,8 +82,14 @@ def load_rule(path: str | os.PathLike) -> tuple[BackwardRule, UpdateRule, dict[s
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
         raise GraphFileError(f"{path}: a torch file, but not an mpbackprop rule")
     try:
-        backward = make_backward(blob["backward"]["name"], **_kwargs(json.loads(blob["backward"]["config"])))
-        update = make_update(blob["update"]["name"], **_kwargs(json.loads(blob["update"]["config"])))
+        backward_cfg = _kwargs(json.loads(blob["backward"]["config"]))
+        if blob["backward"]["name"] == "learned":  # files written before these options existed
+            backward_cfg = {**_LEGACY_LEARNED_BACKWARD, **backward_cfg}
+        backward = make_backward(blob["backward"]["name"], **backward_cfg)
+        update_cfg = _kwargs(json.loads(blob["update"]["config"]))
+        if blob["update"]["name"] == "learned":  # files written before these options existed
+            update_cfg = {**_LEGACY_LEARNED_UPDATE, **update_cfg}
+        update = make_update(blob["update"]["name"], **update_cfg)
         backward.load_state_dict(blob["backward_state"])
         update.load_state_dict(blob["update_state"])
         meta = json.loads(blob.get("meta", "{}"))
