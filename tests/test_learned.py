@@ -79,10 +79,10 @@ def _update_ctx(sizes, dtype, signal_dim, seed):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("signal_dim", [1, 2])
-@pytest.mark.parametrize("init", ["adam", "scratch"])
-def test_no_grad_update_is_the_differentiable_update(dtype, tol, signal_dim, init):
+@pytest.mark.parametrize("init,weight_input", [("adam", False), ("scratch", False), ("adam", True)])
+def test_no_grad_update_is_the_differentiable_update(dtype, tol, signal_dim, init, weight_input):
     """Without autograd the compact update takes its fused path; it must be the same function."""
-    upd = LearnedUpdate(signal_dim=signal_dim, hidden=6, init=init).to(dtype)
+    upd = LearnedUpdate(signal_dim=signal_dim, hidden=6, init=init, weight_input=weight_input).to(dtype)
     _perturb(upd)
     sizes = (30, 7, 50)
     theta, _, segments = _update_ctx(sizes, dtype, signal_dim, 1)
@@ -144,6 +144,8 @@ def test_full_feature_sets_keep_the_original_architecture():
     assert sum(isinstance(m, nn.Linear) for m in u.net) == 3
     c = LearnedBackward(state_dim=2)
     assert c.coef_mlp[0].in_features == 4 and c.node_mlp[0].in_features == 5
+    assert LearnedUpdate(signal_dim=2).net[0].in_features == 2 + 2 + 4
+    assert LearnedUpdate(signal_dim=2, weight_input=True).net[0].in_features == 2 + 2 + 1 + 4
 
 
 def test_rule_files_from_before_the_feature_option_load_as_full(tmp_path):

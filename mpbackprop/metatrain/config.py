@@ -38,6 +38,8 @@ class MetaConfig:
         Width and depth of the learned update's per-parameter MLP.
     features : str
         ``compact`` or ``full`` inputs of both learned rules (see :mod:`mpbackprop.rules.learned`).
+    weight_input : bool
+        Whether the compact update's MLP sees the (per-tensor normalised) weight.
     backward_init, update_init : str
         ``backprop``/``feedback`` and ``adam``/``scratch`` (see :mod:`mpbackprop.rules.learned`).
     """
@@ -45,7 +47,7 @@ class MetaConfig:
     family: str = "digits-mlp"
     estimator: str = "tbptt"
     outer_steps: int = 250
-    unroll: tuple[int, int] = (60, 120)
+    unroll: tuple[int, int] = (120, 400)
     truncation: int = 20
     tasks_per_step: int = 4
     objective: str = "mixed"
@@ -57,6 +59,7 @@ class MetaConfig:
     update_hidden: int = 4
     update_layers: int = 1
     features: str = "compact"
+    weight_input: bool = False
     backward_init: str = "backprop"
     update_init: str = "adam"
     update_lr: float = 1e-2

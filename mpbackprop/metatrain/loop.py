@@ -50,7 +50,8 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     rule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init, seed=cfg.seed,
                            features=cfg.features)
     update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
-                           features=cfg.features, init=cfg.update_init, lr=cfg.update_lr)
+                           features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,
+                           weight_input=cfg.weight_input)
     return rule, update
 
 

@@ -16,7 +16,7 @@
 :class:`LearnedUpdate` — a per-parameter MLP in the style of learned optimizers (Metz et al.,
 2020, *Tasks, stability, architecture, and compute*; a tiny one, as in VeLO's per-parameter
 network, Metz et al., 2022): inputs are the signal and momenta over the root of the second
-moment and the weight, each normalised per tensor, plus step-count features; output a step
+moment (and, optionally, the weight), each normalised per tensor, plus step-count features; output a step
 soft-bounded by ``tanh``. With ``init="adam"`` an Adam term with a learnable learning-rate
 scale is added (the MLP starting at zero, the rule starts *as* Adam with learning rate
 ``lr``); ``init="scratch"`` has no Adam term.
@@ -272,15 +272,19 @@ class LearnedUpdate(UpdateRule):
         Hidden layers of the MLP.
     features : {"compact", "full"}
         ``compact``: the signal channels and the momenta at 0.9 and 0.99, each over the root of the
-        second moment, and the weight. ``full`` (the rules of mpbackprop ≤ 0.1): the signal channels,
+        second moment (and the weight, with ``weight_input``). ``full`` (rules saved before this
+        option): the signal channels,
         the momenta at 0.5/0.9/0.99/0.999, the gradient and those momenta over the root of the
         second moment, and the weight. Both add four step-count features.
+    weight_input : bool
+        Whether the ``compact`` MLP also sees the weight (``full`` always does).
     """
 
     name = "learned"
 
     def __init__(self, signal_dim: int = 1, hidden: int = 4, init: str = "adam", lr: float = 1e-2,
-                 max_step: float = 0.1, exp_mult: float = 0.01, layers: int = 1, features: str = "compact") -> None:
+                 max_step: float = 0.1, exp_mult: float = 0.01, layers: int = 1, features: str = "compact",
+                 weight_input: bool = False) -> None:
         super().__init__()
         if init not in ("adam", "scratch"):
             raise ValueError(f"init must be 'adam' or 'scratch', got {init!r}")
@@ -298,7 +302,8 @@ class LearnedUpdate(UpdateRule):
         self.features = features
         self.decays = FEATURE_SETS[features]
         k = len(self.decays)
-        n_var = (self.signal_dim + 2 * k + 2) if features == "full" else (self.signal_dim + k + 1)
+        self.weight_input = bool(weight_input) or features == "full"
+        n_var = (self.signal_dim + 2 * k + 2) if features == "full" else (self.signal_dim + k + self.weight_input)
         self.net = mlp(n_var + 4, hidden, 2 if features == "full" else 1, layers=self.layers)
         self.log_lr_scale = nn.Parameter(torch.tensor(0.0))  # Adam's lr = lr·exp(scale)
         self.use_adam = init == "adam"
@@ -307,7 +312,7 @@ class LearnedUpdate(UpdateRule):
     def config(self) -> dict[str, Any]:
         return {"signal_dim": self.signal_dim, "hidden": self.hidden, "init": self.init, "lr": self.lr,
                 "max_step": self.max_step, "exp_mult": self.exp_mult, "layers": self.layers,
-                "features": self.features}
+                "features": self.features, "weight_input": self.weight_input}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         """Momenta and second moment: ``compact`` keeps the momenta as one ``(K, P)`` tensor ``m``
@@ -348,8 +353,8 @@ class LearnedUpdate(UpdateRule):
             rows = [*signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta]
             factors = [1.0] * self.signal_dim + unbiased + [1.0] + unbiased + [1.0]
         else:
-            rows = [g * rsqrt, *extra, *(m * rsqrt for m in moms), ctx.theta]
-            factors = [1.0] * self.signal_dim + unbiased + [1.0]
+            rows = [g * rsqrt, *extra, *(m * rsqrt for m in moms)] + ([ctx.theta] if self.weight_input else [])
+            factors = [1.0] * self.signal_dim + unbiased + [1.0] * self.weight_input
         dtype = self.log_lr_scale.dtype
         time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=dtype)
         out = _feature_mlp(self.net, torch.stack(rows).to(dtype), time, sizes=sizes,
@@ -385,13 +390,14 @@ class LearnedUpdate(UpdateRule):
         new["m"] = m = torch.empty_like(ctx.state["m"])
         for i, beta in enumerate(self.decays):  # row by row: scalar weights are the fast kernel
             torch.lerp(ctx.state["m"][i], g, 1 - beta, out=m[i])
-        x = self._buffer("x", (d + k + 1, theta.numel()), theta)
+        x = self._buffer("x", (d + k + self.weight_input, theta.numel()), theta)
         torch.mul(signal.t(), r, out=x[:d])
         torch.mul(new["m"], r, out=x[d:d + k])
-        x[d + k].copy_(theta)
+        if self.weight_input:
+            x[d + k].copy_(theta)
         unbiased = [1 / (1 - beta**t) for beta in self.decays]
         root = 1 / math.sqrt(c_v)
-        factors = torch.tensor([root] * d + [u * root for u in unbiased] + [1.0], dtype=x.dtype)
+        factors = torch.tensor([root] * d + [u * root for u in unbiased] + [1.0] * self.weight_input, dtype=x.dtype)
         time = torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=x.dtype)
         # max_step·tanh(u) = max_step·(2σ(2u) − 1), u = lr/max_step·direction
         out = _feature_mlp(self.net, x, time, sizes=sizes, row_scale=factors,
