@@ -13,6 +13,7 @@ reused, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -33,8 +34,8 @@ SHORT = {"learned": "learned", "backprop_learned_update": "exact + learned updat
 def _suite(args: argparse.Namespace, suite: str, rule: tuple, rule_path: Path) -> dict:
     out = Path(args.out)
     path = out / f"{suite}.json"
-    key = {"rule": str(rule_path), "steps": args.steps, "seeds": args.seeds, "tasks": args.tasks,
-           "family": args.family}
+    key = {"rule": str(rule_path), "rule_sha256": hashlib.sha256(rule_path.read_bytes()).hexdigest()[:16],
+           "steps": args.steps, "seeds": args.seeds, "tasks": args.tasks, "family": args.family}
     if path.is_file():
         doc = json.loads(path.read_text())
         if doc.get("key") == key:
