@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
@@ -64,20 +63,6 @@ def mlp(n_in: int, hidden: int, n_out: int, layers: int = 1, zero_last: bool = T
 
 #: Columns per GEMM block of the per-parameter MLPs: a block's hidden activations stay in cache.
 _CHUNK = 1 << 18
-
-
-def _apply(seq: nn.Sequential, x: Tensor, const: Tensor | None = None) -> Tensor:
-    """Run ``seq`` on inputs ``[x, const]`` (``const`` the same for every row) without
-    materialising the constant columns: they fold into the first layer's bias. ReLUs run in place."""
-    first = seq[0]
-    if const is None:
-        h = first(x)
-    else:
-        n = x.shape[-1]
-        h = F.linear(x, first.weight[:, :n], first.bias + first.weight[:, n:] @ const)
-    for layer in list(seq)[1:]:
-        h = torch.relu_(h) if isinstance(layer, nn.ReLU) else layer(h)
-    return h
 
 
 def _feature_mlp(seq: nn.Sequential, x: Tensor, const: Tensor | None = None, *,
@@ -244,7 +229,8 @@ class LearnedBackward(BackwardRule):
         return torch.addcmul(correction.view(d, n, batch).transpose(0, 1), ctx.fprime.unsqueeze(1), M)
 
     def __repr__(self) -> str:
-        return f"LearnedBackward(state_dim={self.state_dim}, hidden={self.hidden}, init={self.init!r})"
+        return (f"LearnedBackward(state_dim={self.state_dim}, hidden={self.hidden}, features={self.features!r}, "
+                f"init={self.init!r})")
 
 
 #: Momentum decays of each feature set; ``full`` also feeds the raw momenta and signal channels.
