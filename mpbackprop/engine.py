@@ -147,6 +147,46 @@ def _dense_linear(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, bat
     return g_w, g_b, msgs
 
 
+def _dense_conv(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, batch: int,
+                want_messages: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Fused path for ``Conv2d`` layers with one state channel and a scalar coefficient per weight.
+
+    A convolution's uses are its kernel applications, so ``Σ_uses a_i b_j`` is the weight
+    gradient of a convolution with output gradient ``b`` and ``Σ_k C_p b_j`` is its input gradient
+    with kernel ``C`` (on the padded input, then cropped): the same sums as the DGL path.
+    """
+    cfg = layer.config
+    c_in, h, w = layer.input_shapes[0]
+    c_out, h_out, w_out = layer.shape
+    shape = layer.weight.shape
+    left, right, top, bottom = cfg["pad"]
+    grad = b.view(c_out, h_out, w_out, batch).permute(3, 0, 1, 2)  # (B, C_out, H_out, W_out)
+    a = torch.nn.functional.pad(a_src.t().reshape(batch, c_in, h, w), cfg["pad"])
+    g_w = torch.nn.grad.conv2d_weight(a, shape, grad, stride=cfg["stride"], dilation=cfg["dilation"])
+    g_b = grad.sum((0, 2, 3)).view(-1, 1) / batch if layer.bias is not None else None
+    msgs = None
+    if want_messages and coef is not None:
+        m = torch.nn.grad.conv2d_input(a.shape, coef.view(shape), grad, stride=cfg["stride"],
+                                       dilation=cfg["dilation"])
+        m = m[:, :, top:m.shape[2] - bottom, left:m.shape[3] - right]
+        msgs = m.reshape(batch, c_in * h * w).t().unsqueeze(1)
+    return g_w.reshape(-1, 1) / batch, g_b, msgs
+
+
+def _dense_avgpool(layer: Any, b: Tensor, batch: int) -> Tensor:
+    """Fused path for ``AvgPool2d`` blocks: their fixed messages are the pooling's input gradient
+    (every state channel alike)."""
+    cfg = layer.config
+    c, h, w = layer.input_shapes[0]
+    _, h_out, w_out = layer.shape
+    d = b.shape[1]
+    grad = b.view(c, h_out, w_out, d, batch).permute(3, 4, 0, 1, 2).reshape(d * batch, c, h_out, w_out)
+    m = torch.ops.aten.avg_pool2d_backward(grad, b.new_zeros(()).expand(d * batch, c, h, w), cfg["kernel"],
+                                           cfg["stride"], cfg["padding"], False, cfg["count_include_pad"],
+                                           cfg["divisor_override"])
+    return m.reshape(d, batch, c * h * w).permute(2, 0, 1)
+
+
 def _udf_messages(block: Any, rule: BackwardRule, b: Tensor, post: dict[str, Tensor], pre: dict[str, Tensor],
                   w: Tensor) -> Tensor:
     """Messages through the rule's DGL edge and node UDFs (non-linear messages)."""
@@ -233,8 +273,12 @@ def backward(
                 w = theta[wt.offset:wt.stop]
                 hist = {key: v[wt.offset:wt.stop] for key, v in history.items()}
                 coef = rule.coefficients(LayerContext(layer, w, rule_state, k / depth_den, hist))
-            if fused and layer.kind == "linear" and (coef is not None or not needs_messages):
-                g_w, g_b, msgs = _dense_linear(layer, b, a_src, coef, batch, needs_messages)
+            dense = fused and (coef is not None or not needs_messages)
+            conv = (dense and layer.kind == "conv2d" and d == 1 and len(sources) == 1
+                    and (coef is None or coef.dim() == 1))
+            if (dense and layer.kind == "linear") or conv:
+                dense_fn = _dense_linear if layer.kind == "linear" else _dense_conv
+                g_w, g_b, msgs = dense_fn(layer, b, a_src, coef, batch, needs_messages)
                 parts[wt.offset] = g_w
                 if g_b is not None:
                     parts[layer.bias.offset] = g_b  # type: ignore[union-attr]
@@ -252,6 +296,8 @@ def backward(
                     if s != 0:
                         pre.update(z=z_t[s], fprime=fprime(s))  # type: ignore[dict-item]
                     msgs = _udf_messages(view.bwd, rule, b, post, pre, w[view.param])  # type: ignore[arg-type]
+        elif needs_messages and fused and layer.kind == "avgpool2d" and len(sources) == 1:
+            msgs = _dense_avgpool(layer, b, batch)
         elif needs_messages:
             assert view.coef is not None
             msgs = ops.u_mul_e_sum(view.bwd, b, view.coef.to(b.dtype).view(-1, 1, 1))

@@ -358,7 +358,8 @@ def test_rule_files_round_trip_and_refuse_junk(tmp_path):
 
 
 @pytest.mark.parametrize("rule_factory", [Exact, lambda: FeedbackAlignment(seed=2), _Channels,
-                                          lambda: LearnedBackward(state_dim=3, init="feedback").double()])
+                                          lambda: LearnedBackward(state_dim=3, init="feedback").double(),
+                                          lambda: LearnedBackward(state_dim=1, init="feedback").double()])
 @pytest.mark.parametrize("name", ["deep-mlp", "resmlp", "convnet"])
 def test_fused_dense_path_equals_dgl_path(name, rule_factory):
     torch.manual_seed(0)
