@@ -16,7 +16,11 @@ One training step with a backward rule ``R`` and an update rule ``U``:
    ``mean_batch Σ b_j``. For the exact rule ``G[:, 0] = ∂L/∂θ``;
 5. update: ``θ, state ← U(θ, G, state, step)``.
 
-Every rule goes through the same code; nothing here asks which rule it runs.
+With ``fused=True`` (the default) steps 3–4 of ``Linear`` blocks, and of ``Conv2d`` /
+``AvgPool2d`` blocks when the state has one channel and the coefficient is one scalar per
+weight, run as the equal dense products, convolution gradients and pooling gradients
+(tests check them against the DGL path). Every rule goes through the same code; nothing here
+asks which rule it runs.
 """
 
 from __future__ import annotations
