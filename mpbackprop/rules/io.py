@@ -25,9 +25,8 @@ __all__ = ["save_rule", "load_rule", "rule_path", "DEFAULT_RULE", "BACKWARD_RULE
 
 _FORMAT = "mpbackprop-rule"
 
-#: What learned rules whose files predate the ``layers``/``features`` options were.
-_LEGACY_LEARNED_UPDATE = {"layers": 2, "features": "full"}
-_LEGACY_LEARNED_BACKWARD = {"features": "full"}
+#: What learned rules whose files predate the ``layers``/``features`` options were, per (part, name).
+_LEGACY = {("backward", "learned"): {"features": "full"}, ("update", "learned"): {"layers": 2, "features": "full"}}
 
 #: The rule shipped with the package (made by ``mpbackprop meta-train``; provenance beside it).
 DEFAULT_RULE = Path(__file__).resolve().parents[1] / "data" / "default_rule.pt"
@@ -82,20 +81,20 @@ def load_rule(path: str | os.PathLike) -> tuple[BackwardRule, UpdateRule, dict[s
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
         raise GraphFileError(f"{path}: a torch file, but not an mpbackprop rule")
     try:
-        backward_cfg = _kwargs(json.loads(blob["backward"]["config"]))
-        if blob["backward"]["name"] == "learned":  # files written before these options existed
-            backward_cfg = {**_LEGACY_LEARNED_BACKWARD, **backward_cfg}
-        backward = make_backward(blob["backward"]["name"], **backward_cfg)
-        update_cfg = _kwargs(json.loads(blob["update"]["config"]))
-        if blob["update"]["name"] == "learned":  # files written before these options existed
-            update_cfg = {**_LEGACY_LEARNED_UPDATE, **update_cfg}
-        update = make_update(blob["update"]["name"], **update_cfg)
+        backward = make_backward(blob["backward"]["name"], **_config(blob, "backward"))
+        update = make_update(blob["update"]["name"], **_config(blob, "update"))
         backward.load_state_dict(blob["backward_state"])
         update.load_state_dict(blob["update_state"])
         meta = json.loads(blob.get("meta", "{}"))
     except Exception as exc:  # noqa: BLE001
         raise GraphFileError(f"{path}: rule file is damaged ({exc})") from exc
     return backward, update, meta
+
+
+def _config(blob: dict[str, Any], part: str) -> dict[str, Any]:
+    """Constructor arguments of one part of a rule file; options the file predates get their old values."""
+    legacy = _LEGACY.get((part, blob[part]["name"]), {})
+    return {**legacy, **_kwargs(json.loads(blob[part]["config"]))}
 
 
 def _kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
