@@ -344,7 +344,7 @@ class LearnedUpdate(UpdateRule):
             rows = [*signal.unbind(1), *moms, g * rsqrt, *(m * rsqrt for m in moms), ctx.theta]
             factors = [1.0] * self.signal_dim + unbiased + [1.0] + unbiased + [1.0]
         else:
-            rows = [*(c * rsqrt for c in signal.unbind(1)), *(m * rsqrt for m in moms)]
+            rows = [g * rsqrt, *(c * rsqrt for c in signal.unbind(1)[1:]), *(m * rsqrt for m in moms)]
             rows += [ctx.theta] if self.weight_input else []
             factors = [1.0] * self.signal_dim + unbiased + [1.0] * self.weight_input
         dtype = self.log_lr_scale.dtype
