@@ -25,6 +25,7 @@ asks which rule it runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -359,6 +360,7 @@ def train_step(
     differentiable: bool = False,
     trace: bool = False,
     fused: bool = True,
+    total_steps: int | None = None,
 ) -> StepResult:
     """One training step of ``net`` with a backward rule and an update rule (functional).
 
@@ -366,7 +368,8 @@ def train_step(
     rules' meta-parameters (truncated backprop through unrolls). With ``trace=True`` the
     backward state and signals are written onto ``net.graph`` for inspection:
     ``g.nodes['neuron'].data['b']`` ``(N, B, d)``, ``['M']``, ``['z']``, ``['a']`` ``(N, B)``,
-    ``g.nodes['param'].data['signal']`` ``(P, d)`` and ``['delta']`` ``(P,)``.
+    ``g.nodes['param'].data['signal']`` ``(P, d)`` and ``['delta']`` ``(P,)``. ``total_steps`` is the
+    stated length of the run, passed on to the update rule (rules with a schedule need it).
     """
     loss_fn = resolve_loss(loss)
     record, value, dl = forward_and_seed(net, theta, x, y, loss_fn, differentiable)
@@ -374,11 +377,16 @@ def train_step(
     with grad_ctx:
         result = backward(net, record, dl, rule, rule_state, theta, opt_state, fused=fused)
         uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
-                             len(net.tensors), net.tensor_sizes)
+                             len(net.tensors), net.tensor_sizes, total_steps, tensor_fan_in(net))
         new_theta, new_state = update.step(uctx)
     if trace:
         write_trace(net, record, result, (theta - new_theta).detach())
     return StepResult(value, new_theta, new_state, result.signal)
+
+
+def tensor_fan_in(net: CompiledNetwork) -> tuple[int, ...]:
+    """Fan-in of each parameter tensor's weights (``prod(shape[1:])``), ``0`` for biases."""
+    return tuple(math.prod(p.shape[1:]) if p.role == "weight" and len(p.shape) > 1 else 0 for p in net.tensors)
 
 
 def write_trace(net: CompiledNetwork, record: ForwardRecord, result: BackwardResult, delta: Tensor) -> None:

@@ -106,7 +106,7 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
         for k in range(steps):
             x, y = task.batch(gen)
             t0 = time.perf_counter()
-            r = train_step(task.net, theta, x, y, backward, update, rs, opt, k, loss=task.loss)
+            r = train_step(task.net, theta, x, y, backward, update, rs, opt, k, loss=task.loss, total_steps=steps)
             elapsed += time.perf_counter() - t0
             theta, opt = r.theta, r.state
             loss, acc = task.evaluate(theta, val_examples)

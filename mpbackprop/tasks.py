@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -142,19 +142,28 @@ class TaskSpec:
     batch_size: int = 32
     init_seed: int = 0
     data_seed: int = 0
+    input_scale: float = 1.0  # task augmentation: inputs multiplied by this
+    init_scale: float = 1.0  # task augmentation: initial weights (not biases) multiplied by this
 
     @property
     def name(self) -> str:
         w = "-".join(map(str, self.widths))
-        return f"{self.dataset}/{self.arch}-{w}-{self.activation}/b{self.batch_size}/s{self.init_seed}"
+        aug = "".join(f"/{k[0]}{v:.3g}" for k, v in (("xscale", self.input_scale), ("wscale", self.init_scale))
+                      if v != 1.0)
+        return f"{self.dataset}/{self.arch}-{w}-{self.activation}/b{self.batch_size}/s{self.init_seed}{aug}"
 
     @property
     def loss(self) -> str:
         return "mse" if DATASETS[self.dataset][1] == "regression" else "cross_entropy"
 
     def to_json(self) -> dict[str, Any]:
+        """Plain fields; the augmentation scales only when not 1 (so specs, and the evaluation cache
+        keys made from them, read as they did before augmentation existed)."""
         d = asdict(self)
         d["widths"] = list(self.widths)
+        for key in ("input_scale", "init_scale"):
+            if d[key] == 1.0:
+                del d[key]
         return d
 
     @classmethod
@@ -183,7 +192,13 @@ class TaskSpec:
             layers += [nn.Flatten(), nn.Linear(ch * hw[0] * hw[1], num_outputs)]
         else:
             raise ValueError(f"unknown arch {self.arch!r}")
-        return nn.Sequential(*layers)
+        model = nn.Sequential(*layers)
+        if self.init_scale != 1.0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() > 1:
+                        p.mul_(self.init_scale)
+        return model
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,6 +213,9 @@ class Task:
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
         self.train, self.valid = load_dataset(spec.dataset, spec.data_seed)
+        if spec.input_scale != 1.0:
+            self.train = replace(self.train, x=self.train.x * spec.input_scale)
+            self.valid = replace(self.valid, x=self.valid.x * spec.input_scale)
         n_out = self.train.num_outputs if self.train.kind == "classification" else self.train.y.shape[1]
         self.num_outputs = n_out
         # the graph depends on the architecture only: share it between tasks
@@ -243,11 +261,20 @@ class TaskFamily:
     batch_sizes: tuple[int, ...] = (32,)
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    members: tuple[str, ...] = ()  # a mixture: draw a member family first, then its task
+    augment: bool = False  # task augmentation (wider nets, input and initial-weight rescaling)
 
     def sample(self, rng: random.Random, split: str) -> TaskSpec:
         """A task of ``split`` (``train``/``valid``/``heldout``), drawn with ``rng``."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}")
+        if self.members:
+            spec = FAMILIES[rng.choice(self.members)].sample(rng, split)
+        else:
+            spec = self._sample_own(rng, split)
+        return _augmented(spec, rng) if self.augment else spec
+
+    def _sample_own(self, rng: random.Random, split: str) -> TaskSpec:
         base = _SEED_BASE[split]
         return TaskSpec(
             dataset=rng.choice(self.datasets),
@@ -280,6 +307,21 @@ FAMILIES: dict[str, TaskFamily] = {
                    "digits as 1x8x8 images, Conv3x3-AvgPool stacks"),
     ]
 }
+
+
+FAMILIES["augmented"] = TaskFamily(
+    "augmented", (), "mlp", members=("digits-mlp", "tabular-mlp", "synthetic", "digits-conv"), augment=True,
+    description="digits-mlp, tabular-mlp, synthetic and digits-conv tasks, augmented: widths x2 (p=0.3), inputs "
+                "and initial weights rescaled (log-uniform in [0.5, 2] and [0.7, 1.4])")
+
+
+def _augmented(spec: TaskSpec, rng: random.Random) -> TaskSpec:
+    """Task augmentation: widths doubled with probability 0.3, inputs rescaled by a log-uniform factor in
+    [0.5, 2], initial weights by one in [0.7, 1.4] (Celo-style reparametrisation of the task)."""
+    widths = tuple(2 * w for w in spec.widths) if rng.random() < 0.3 else spec.widths
+    x_scale = round(math.exp(rng.uniform(math.log(0.5), math.log(2.0))), 4)
+    w_scale = round(math.exp(rng.uniform(math.log(0.7), math.log(1.4))), 4)
+    return replace(spec, widths=widths, input_scale=x_scale, init_scale=w_scale)
 
 
 def get_family(name: str) -> TaskFamily:

@@ -41,11 +41,19 @@ class Trainer:
         ``"sgd"``, ``"adam"``, ``"learned"`` or an object; default Adam(lr=1e-3).
     loss : str or callable
         ``"cross_entropy"`` (default), ``"mse"``, or ``f(output, target) -> scalar``.
+    total_steps : int, optional
+        The length of the training run, as for a cosine schedule's ``T_max``: update rules with a
+        schedule (the ``scheduled`` learned update) need it; past it they keep their final step size.
     """
 
     def __init__(self, model: nn.Module, rule: str | os.PathLike | BackwardRule = "exact",
-                 update: str | UpdateRule | None = None, loss: str | LossFn = "cross_entropy") -> None:
+                 update: str | UpdateRule | None = None, loss: str | LossFn = "cross_entropy",
+                 total_steps: int | None = None) -> None:
+        if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         self.model = model
+        self.total_steps = None if total_steps is None else int(total_steps)
         saved_update: UpdateRule | None = None
         if isinstance(rule, BackwardRule):
             self.rule = rule
@@ -88,7 +96,7 @@ class Trainer:
             self._bind(x)
         assert self.net is not None and self.theta is not None
         result = train_step(self.net, self.theta, x, y, self.rule, self.update, self.rule_state, self.opt_state,
-                            self.steps, loss=loss_fn, trace=trace)
+                            self.steps, loss=loss_fn, trace=trace, total_steps=self.total_steps)
         with torch.no_grad():
             self.theta.copy_(result.theta)
         self.opt_state = result.state

@@ -42,12 +42,26 @@ class MetaConfig:
         Whether the compact update's MLP sees the (per-tensor normalised) weight.
     backward_init, update_init : str
         ``backprop``/``feedback`` and ``adam``/``scratch`` (see :mod:`mpbackprop.rules.learned`).
+    update_rule : str
+        ``scheduled`` (:class:`~mpbackprop.rules.ScheduledUpdate`: Adam's direction, a bounded learned
+        correction, a step size scheduled over the run's stated length) or ``learned``
+        (:class:`~mpbackprop.rules.LearnedUpdate`, the design of rules before it; ``update_init``,
+        ``update_layers``, ``features`` and ``weight_input`` apply to it).
+    correction, weight_decay : float, bool
+        Bound of the ``scheduled`` update's learned correction; whether it learns a decoupled weight decay.
+    start_offsets : bool
+        Start each task slot's first inner run at a random step of its horizon (run there with the
+        initial rule, without gradients), so the slots are out of phase from the first outer step.
+    eval_multiples : tuple of int
+        Meta-validation trains each validation task for ``k·eval_horizon`` steps for each ``k`` here
+        (the rule told that length) and scores the mean log validation loss at the end, averaged over
+        the ``k``; ``best.pt`` is the checkpoint with the lowest score.
     """
 
-    family: str = "digits-mlp"
+    family: str = "augmented"
     estimator: str = "tbptt"
     outer_steps: int = 250
-    unroll: tuple[int, int] = (120, 400)
+    unroll: tuple[int, int] = (100, 2500)
     truncation: int = 20
     tasks_per_step: int = 4
     objective: str = "mixed"
@@ -62,6 +76,11 @@ class MetaConfig:
     weight_input: bool = False
     backward_init: str = "backprop"
     update_init: str = "adam"
+    update_rule: str = "scheduled"
+    correction: float = 0.5
+    weight_decay: bool = False
+    start_offsets: bool = True
+    eval_multiples: tuple[int, ...] = (1, 10, 25)
     update_lr: float = 1e-2
     es_sigma: float = 0.01
     es_pairs: int = 4
@@ -75,7 +94,12 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         self.unroll = (int(self.unroll[0]), int(self.unroll[1]))
+        self.eval_multiples = tuple(int(k) for k in self.eval_multiples)
         problems = []
+        if self.update_rule not in ("scheduled", "learned"):
+            problems.append(f"update_rule must be scheduled or learned (got {self.update_rule!r})")
+        if not self.eval_multiples or min(self.eval_multiples) < 1:
+            problems.append(f"eval_multiples must be a non-empty list of integers >= 1 (got {list(self.eval_multiples)})")
         if self.estimator not in ("tbptt", "es", "pes"):
             problems.append(f"estimator must be tbptt, es or pes (got {self.estimator!r})")
         if self.objective not in ("mean", "final", "mixed"):
@@ -98,6 +122,7 @@ class MetaConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["unroll"] = list(self.unroll)
+        d["eval_multiples"] = list(self.eval_multiples)
         return d
 
     @classmethod
@@ -115,10 +140,14 @@ class MetaConfig:
     @classmethod
     def load_run(cls, path: str | Path) -> "MetaConfig":
         """A run's own ``config.json``; runs from before the ``features`` option had ``full`` rules
-        with two update layers as wide as ``hidden``."""
+        with two update layers as wide as ``hidden``; runs from before ``update_rule`` had the
+        ``learned`` update, validation at T and 2T and no start offsets (family and unroll were always
+        written)."""
         data = json.loads(Path(path).read_text())
         if "features" not in data:
             data = {"features": "full", "update_hidden": data.get("hidden", 16), "update_layers": 2, **data}
+        if "update_rule" not in data:
+            data = {"update_rule": "learned", "eval_multiples": [1, 2], "start_offsets": False, **data}
         return cls.from_json(data)
 
     def replace(self, **changes: Any) -> "MetaConfig":

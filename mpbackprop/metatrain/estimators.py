@@ -84,15 +84,26 @@ class Estimator:
         self.inner: list[InnerState] = []
 
     # --------------------------------------------------------------- helpers
-    def _fresh(self, i: int) -> InnerState:
+    def _fresh(self, i: int, offset: bool = False) -> InnerState:
+        """A new inner run for slot ``i``; with ``offset``, advanced (without gradients, by the current
+        rule) to a random step of its horizon, so that the slots' runs are out of phase."""
         rng = self.rngs[i]
         spec = self.family.sample(rng, "train")
         horizon = sample_horizon(rng, *self.cfg.unroll)
-        return new_inner(spec, self.update, horizon, self.cfg.val_examples)
+        inner = new_inner(spec, self.update, horizon, self.cfg.val_examples)
+        if offset:
+            start = rng.randrange(horizon)
+            c = self.cfg
+            with torch.no_grad():
+                res = unroll(self.rule, self.update, inner, start, "final", 0.0, c.val_examples, c.diverge_factor,
+                             False, check_every=max(start // 4, 1))
+            if res.diverged or inner.done:
+                return self._fresh(i)
+        return inner
 
     def _ensure(self) -> None:
-        while len(self.inner) < len(self.slots):
-            self.inner.append(self._fresh(len(self.inner)))
+        while len(self.inner) < len(self.slots):  # the first runs of the slots (later ones start at step 0)
+            self.inner.append(self._fresh(len(self.inner), offset=self.cfg.start_offsets))
 
     def _unroll(self, inner: InnerState, differentiable: bool):
         c = self.cfg

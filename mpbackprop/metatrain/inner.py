@@ -111,8 +111,14 @@ class UnrollResult:
 
 
 def unroll(rule: BackwardRule, update: UpdateRule, inner: InnerState, steps: int, objective: str,
-           final_weight: float, val_examples: int, diverge_factor: float, differentiable: bool) -> UnrollResult:
-    """Advance ``inner`` in place by up to ``steps`` inner steps (stops at its horizon)."""
+           final_weight: float, val_examples: int, diverge_factor: float, differentiable: bool,
+           check_every: int = 1) -> UnrollResult:
+    """Advance ``inner`` in place by up to ``steps`` inner steps (stops at its horizon).
+
+    The validation loss is computed after every step whose objective weight is not zero, and every
+    ``check_every`` steps otherwise (to stop a diverging run); the update rule is told the run's
+    length (``total_steps = inner.horizon``).
+    """
     task = get_task(inner.spec)
     net = task.net
     rule_state = rule.init_state(net)
@@ -126,11 +132,13 @@ def unroll(rule: BackwardRule, update: UpdateRule, inner: InnerState, steps: int
             break
         x, y = task.batch(inner.gen)
         r = train_step(net, inner.theta, x, y, rule, update, rule_state, inner.opt_state, inner.step,
-                       loss=task.loss, differentiable=differentiable)
+                       loss=task.loss, differentiable=differentiable, total_steps=inner.horizon)
         inner.theta, inner.opt_state = r.theta, r.state
         w = step_weight(inner.step, inner.horizon, objective, final_weight)
         inner.step += 1
         done += 1
+        if not w and inner.step % check_every and not inner.done:
+            continue
         val, _ = task.evaluate(inner.theta, val_examples)
         last = float(val)
         if not math.isfinite(last) or last > diverge_factor * max(inner.initial_loss, 1e-3):

@@ -32,7 +32,7 @@ import torch
 
 from .._io import atomic_write
 from ..errors import GraphFileError
-from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, UpdateRule, save_rule
+from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
 from ..tasks import TaskSpec, get_family
 from .config import MetaConfig
 from .distributed import WorkerFailure, Workers
@@ -49,28 +49,40 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     torch.manual_seed(cfg.seed)
     rule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init, seed=cfg.seed,
                            features=cfg.features)
-    update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
-                           features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,
-                           weight_input=cfg.weight_input)
+    update: UpdateRule
+    if cfg.update_rule == "scheduled":
+        update = ScheduledUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, lr=cfg.update_lr,
+                                 correction=cfg.correction, weight_decay=cfg.weight_decay)
+    else:
+        update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
+                               features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,
+                               weight_input=cfg.weight_input)
     return rule, update
 
 
-def meta_validate(rule: BackwardRule, update: UpdateRule, specs: list[TaskSpec], horizon: int,
-                  val_examples: int | None = None) -> dict[str, float]:
-    """Train each task for ``2·horizon`` steps; mean log validation loss at ``T`` and ``2T``."""
-    at_t, at_2t = [], []
-    for spec in specs:
-        task = get_task(spec)
-        from .inner import new_inner
+def score_key(multiple: int) -> str:
+    """Metrics key of the meta-validation log loss at ``multiple``·T (``valid_log_loss_T``, ``…_10T``)."""
+    return "valid_log_loss_T" if multiple == 1 else f"valid_log_loss_{multiple}T"
 
-        inner = new_inner(spec, update, 2 * horizon, val_examples or 10**9)
-        with torch.no_grad():
-            first = unroll(rule, update, inner, horizon, "final", 1.0, val_examples, math.inf, False)
-            second = unroll(rule, update, inner, horizon, "final", 1.0, val_examples, math.inf, False)
-        at_t.append(_safe_log(first.last_val_loss))
-        at_2t.append(_safe_log(second.last_val_loss))
-        del task
-    return {"valid_log_loss_T": sum(at_t) / len(at_t), "valid_log_loss_2T": sum(at_2t) / len(at_2t)}
+
+def meta_validate(rule: BackwardRule, update: UpdateRule, specs: list[TaskSpec], horizon: int,
+                  val_examples: int | None = None, multiples: tuple[int, ...] = (1, 2)) -> dict[str, float]:
+    """Train each task for ``k·horizon`` steps for each ``k`` in ``multiples`` (the rule told that
+    length); mean log validation loss at the end of each, and ``score``, their mean over ``k``."""
+    from .inner import new_inner
+
+    out: dict[str, float] = {}
+    for k in multiples:
+        logs = []
+        for spec in specs:
+            inner = new_inner(spec, update, k * horizon, val_examples or 10**9)
+            with torch.no_grad():
+                res = unroll(rule, update, inner, k * horizon, "final", 1.0, val_examples, math.inf, False,
+                             check_every=max(horizon // 4, 1))
+            logs.append(_safe_log(res.last_val_loss))
+        out[score_key(k)] = sum(logs) / len(logs)
+    out["score"] = sum(out[score_key(k)] for k in multiples) / len(multiples)
+    return out
 
 
 def _safe_log(x: float) -> float:
@@ -268,7 +280,8 @@ class MetaTrainer:
                 "seconds": round(time.perf_counter() - t0, 4)}
 
     def validate(self) -> dict[str, float]:
-        return meta_validate(self.rule, self.update, self.valid_specs, self.cfg.eval_horizon, self.cfg.val_examples)
+        return meta_validate(self.rule, self.update, self.valid_specs, self.cfg.eval_horizon, self.cfg.val_examples,
+                             self.cfg.eval_multiples)
 
     def run(self, progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
         """Run until ``cfg.outer_steps``; Ctrl-C saves a checkpoint before returning."""
@@ -307,7 +320,7 @@ class MetaTrainer:
 
     def _validate_and_keep(self, initial: bool = False) -> dict[str, Any]:
         scores = self.validate()
-        score = 0.5 * (scores["valid_log_loss_T"] + scores["valid_log_loss_2T"])
+        score = scores.pop("score")
         best = score < self.best_score
         if best:
             self.best_score = score

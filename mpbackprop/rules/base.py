@@ -107,6 +107,12 @@ class UpdateContext:
         Number of parameter tensors.
     sizes : tuple of int, optional
         Number of parameters of each tensor (tensors are consecutive runs of ``theta``).
+    total_steps : int, optional
+        The stated length of the run (like a cosine schedule's ``T_max``), when the caller knows it:
+        rules whose step size follows the run's progress ``t / total_steps`` need it.
+    fan_in : tuple of int, optional
+        Fan-in of each tensor's weights (inputs per output unit: ``in`` of a Linear weight,
+        ``in·kh·kw`` of a convolution's); ``0`` for biases.
     """
 
     theta: Tensor
@@ -116,6 +122,8 @@ class UpdateContext:
     segments: Tensor
     num_segments: int
     sizes: tuple[int, ...] | None = None
+    total_steps: int | None = None
+    fan_in: tuple[int, ...] | None = None
 
 
 class BackwardRule(nn.Module):

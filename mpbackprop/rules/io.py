@@ -20,6 +20,7 @@ from .exact import Exact
 from .fa import FeedbackAlignment
 from .learned import LearnedBackward, LearnedUpdate
 from .optim import SGD, Adam
+from .scheduled import ScheduledUpdate
 
 __all__ = ["save_rule", "load_rule", "rule_path", "DEFAULT_RULE", "BACKWARD_RULES", "UPDATE_RULES", "make_backward", "make_update"]
 
@@ -34,7 +35,8 @@ DEFAULT_RULE = Path(__file__).resolve().parents[1] / "data" / "default_rule.pt"
 BACKWARD_RULES: dict[str, type[BackwardRule]] = {
     "exact": Exact, "fa": FeedbackAlignment, "learned": LearnedBackward,
 }
-UPDATE_RULES: dict[str, type[UpdateRule]] = {"sgd": SGD, "adam": Adam, "learned": LearnedUpdate}
+UPDATE_RULES: dict[str, type[UpdateRule]] = {"sgd": SGD, "adam": Adam, "learned": LearnedUpdate,
+                                             "scheduled": ScheduledUpdate}
 
 
 def make_backward(name: str, **kwargs: Any) -> BackwardRule:
@@ -46,7 +48,7 @@ def make_backward(name: str, **kwargs: Any) -> BackwardRule:
 
 
 def make_update(name: str, **kwargs: Any) -> UpdateRule:
-    """An update rule by name (``sgd``, ``adam``, ``learned``)."""
+    """An update rule by name (``sgd``, ``adam``, ``learned``, ``scheduled``)."""
     try:
         return UPDATE_RULES[name](**kwargs)
     except KeyError:
