@@ -632,8 +632,9 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 @main.command("evaluate", short_help="Compare a learned rule with tuned baselines.")
 @click.argument("rule", default="default")
 @click.option("--family", default="digits-mlp", help="Task family whose held-out tasks the suites are built from.")
-@click.option("--suite", type=click.Choice(["heldout", "wider", "deeper", "act", "data", "horizon", "conv", "all"]),
-              default="heldout", help="Which transfer suite.")
+@click.option("--suite", type=click.Choice(["heldout", "wider", "deeper", "act", "data", "horizon", "conv", "long", "all"]),
+              default="heldout", help="Which transfer suite ('all': every suite but 'long'; 'long': 10T and 25T "
+                                      "on every family, 4x wider and 2x deeper nets).")
 @click.option("--steps", type=click.IntRange(min=1), default=100, help="Horizon T.")
 @click.option("--seeds", type=click.IntRange(min=2), default=10, help="Reported seeds per task and method.")
 @click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=3, help="Held-out tasks per suite.")
@@ -666,12 +667,13 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     backward, update, path = ev.resolve_rule(rule)
-    suites = list(ev.SUITES) if suite == "all" else [suite]
+    suites = [s for s in ev.SUITES if s != "long"] if suite == "all" else [suite]
     cache = (out / "tuning") if out else Path.home() / ".cache" / "mpbackprop" / "tuning"
     reports: dict[str, Any] = {}
     all_results: dict[str, list[Any]] = {}
     plan = {s: ev.suite_tasks(s, family, n_tasks, steps) for s in suites}
-    total = sum(len(v) for v in plan.values()) * len(ev.METHODS)
+    methods = {s: ev.SUITE_METHODS.get(s, ev.METHODS) for s in suites}
+    total = sum(len(v) * len(methods[s]) for s, v in plan.items())
     bar = tqdm(total=total, disable=not progress, desc="evaluate", unit="run", dynamic_ncols=True, file=sys.stderr)
 
     def tick(message: str) -> None:
@@ -684,10 +686,10 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
         for s, tasks in plan.items():
             results = []
             for task in tasks:
-                results += ev.evaluate([task], (backward, update), seeds=seeds, tuning_seeds=tuning_seeds,
-                                       cache=cache, progress=tick)
+                results += ev.evaluate([task], (backward, update), seeds=seeds, methods=methods[s],
+                                       tuning_seeds=tuning_seeds, cache=cache, progress=tick)
                 all_results[s] = results
-                reports[s] = ev.summarize(results)
+                reports[s] = ev.summarize(results, methods[s])
                 if out:
                     _write_eval(out, reports, path, steps, seeds)
     except KeyboardInterrupt:
@@ -703,9 +705,9 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
             if target is None and plot:
                 target = plot.with_name(f"{plot.stem}-{s}{plot.suffix}")
             if target is not None:
-                ev.plot_curves(results, target)
+                ev.plot_curves(results, target, methods[s])
             if out:
-                ev.plot_curves(results, out / f"curves-{s}.png")
+                ev.plot_curves(results, out / f"curves-{s}.png", methods[s])
     if tb_dir is not None:
         from .tensorboard import TensorBoard
 
@@ -718,7 +720,7 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
     else:
         for s, rep in reports.items():
             click.echo(f"== suite {s} (rule {path}, T={steps}, {seeds} seeds)")
-            for line in ev.format_report(rep):
+            for line in ev.format_report(rep, tuple(rep["methods"])):
                 click.echo(line)
     if out:
         click.echo(f"results in {out}/", err=True)
@@ -735,7 +737,7 @@ def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int,
     text = []
     for s, rep in reports.items():
         text.append(f"== suite {s}")
-        text += ev.format_report(rep)
+        text += ev.format_report(rep, tuple(rep["methods"]))
     atomic_write(out / "report.txt", lambda p: Path(p).write_text("\n".join(text) + "\n"))
 
 

@@ -45,7 +45,13 @@ METHODS = ("learned", "backprop_learned_update", "learned_backward_adam", "fa_ad
 #: tuned methods → (update kind, initial grid exponents of 10 in quarter decades)
 _TUNED = {"sgd": ("sgd", (-3.0, 1.0)), "momentum": ("momentum", (-4.0, 0.0)), "adam": ("adam", (-4.0, 0.0)),
           "fa_adam": ("adam", (-4.0, 0.0)), "learned_backward_adam": ("adam", (-4.0, 0.0))}
-SUITES = ("heldout", "wider", "deeper", "act", "data", "horizon", "conv")
+SUITES = ("heldout", "wider", "deeper", "act", "data", "horizon", "conv", "long")
+#: The ``long`` suite: held-out tasks of these families (and 4x wider, 2x deeper nets of the evaluated
+#: family), trained for these multiples of T, every baseline re-tuned for each horizon.
+LONG_FAMILIES = ("digits-mlp", "tabular-mlp", "synthetic", "digits-conv")
+LONG_MULTIPLES = (10, 25)
+#: Methods per suite (default: :data:`METHODS`); the long suite runs the rule against the tuned baselines.
+SUITE_METHODS: dict[str, tuple[str, ...]] = {"long": ("learned", "sgd", "momentum", "adam")}
 _TUNING_SEED_BASE = 5_000_000
 _REPORT_SEED_BASE = 7_000_000
 
@@ -58,6 +64,13 @@ class RunCurve:
     acc: list[float]
     ms_per_step: float
     diverged: bool = False
+    initial: float = math.nan  # validation loss before the first step
+
+    @property
+    def failed(self) -> bool:
+        """Diverged: the final loss is not finite, or above the loss the run started from."""
+        final = self.loss[-1] if self.loss else math.nan
+        return self.diverged or not math.isfinite(final) or (math.isfinite(self.initial) and final > self.initial)
 
 
 def _update(kind: str, lr: float) -> UpdateRule:
@@ -103,6 +116,7 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
     elapsed = 0.0
     diverged = False
     with torch.no_grad():
+        initial = float(task.evaluate(theta, val_examples)[0])
         for k in range(steps):
             x, y = task.batch(gen)
             t0 = time.perf_counter()
@@ -118,7 +132,8 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
                 break
             losses.append(lv)
             accs.append(float(acc))
-    return RunCurve(losses, accs, 1000 * elapsed / max(len([x for x in losses if math.isfinite(x)]), 1), diverged)
+    return RunCurve(losses, accs, 1000 * elapsed / max(len([x for x in losses if math.isfinite(x)]), 1), diverged,
+                    initial)
 
 
 def _cache_key(spec: TaskSpec, method: str, steps: int, seeds: list[int]) -> str:
@@ -233,6 +248,11 @@ def suite_tasks(suite: str, family: str, n_tasks: int, steps: int, seed: int = 0
         return [(s, steps * f) for s in base for f in (2, 5)]
     if suite == "conv":
         return [(s, steps) for s in FAMILIES["digits-conv"].tasks("heldout", n_tasks, seed=seed)]
+    if suite == "long":
+        specs = [s for name in LONG_FAMILIES for s in FAMILIES[name].tasks("heldout", n_tasks, seed=seed)]
+        specs += [replace(s, widths=tuple(4 * w for w in s.widths)) for s in base]
+        specs += [replace(s, widths=s.widths * 2) for s in base]
+        return [(s, steps * k) for s in specs for k in LONG_MULTIPLES]
     raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
 
 
@@ -284,8 +304,9 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
             entry: dict[str, Any] = {"val_loss_mean": mean, "val_loss_ci": [lo, hi],
                                      "val_acc_mean": float(sum(acc) / len(acc)) if acc else float("nan"),
                                      "ms_per_step": sum(c.ms_per_step for c in curves) / len(curves),
-                                     "diverged": sum(c.diverged for c in curves)}
+                                     "diverged": sum(c.failed for c in curves), "runs": len(curves)}
             if target is not None:
+                entry["ratio_to_adam"] = mean / target if target > 0 else float("nan")
                 mean_curve = [sum(c.loss[k] for c in curves) / len(curves) for k in range(res.steps)]
                 reach = _steps_to_reach(mean_curve, target)
                 entry["steps_to_adam_loss"] = reach
@@ -307,7 +328,12 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
             "speedup_vs_adam": _geomean([e.get("speedup_vs_adam", 0.0) for e in entries]),
             "ms_per_step": sum(e["ms_per_step"] for e in entries) / n,
             "diverged": sum(e["diverged"] for e in entries),
+            "runs": sum(e["runs"] for e in entries),
         }
+        if all("ratio_to_adam" in e for e in entries):
+            ratios = [e["ratio_to_adam"] for e in entries]
+            per_method[m]["ratio_to_adam_max"] = max(ratios)
+            per_method[m]["ratio_to_adam_mean"] = sum(ratios) / n
         if all("paired_diff_vs_adam" in e for e in entries):
             dm, dlo, dhi = combine_task_cis([(e["paired_diff_vs_adam"]["mean"], *e["paired_diff_vs_adam"]["ci"])
                                              for e in entries], seeds)
@@ -376,6 +402,8 @@ def format_report(summary: dict[str, Any], methods: tuple[str, ...] = METHODS) -
         head = f"  {'method':<24}{'val loss [95% CI]':>28}{'acc':>7}{'vs adam [95% CI]':>28}{'speedup':>9}{'ms/step':>9}"
         lines.append(head)
         for m in methods:
+            if m not in entries:
+                continue
             e = entries[m]
             lo, hi = e["val_loss_ci"]
             diff = e.get("paired_diff_vs_adam")

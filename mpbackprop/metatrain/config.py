@@ -59,8 +59,8 @@ class MetaConfig:
     """
 
     family: str = "augmented"
-    estimator: str = "tbptt"
-    outer_steps: int = 250
+    estimator: str = "pes"
+    outer_steps: int = 400
     unroll: tuple[int, int] = (100, 2500)
     truncation: int = 20
     tasks_per_step: int = 4
@@ -85,10 +85,10 @@ class MetaConfig:
     es_sigma: float = 0.01
     es_pairs: int = 4
     val_examples: int = 256
-    eval_every: int = 25
+    eval_every: int = 100
     eval_tasks: int = 4
     eval_horizon: int = 100
-    checkpoint_every: int = 10
+    checkpoint_every: int = 20
     diverge_factor: float = 5.0
     seed: int = 0
 
