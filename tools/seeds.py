@@ -1,0 +1,171 @@
+"""Judge a meta-training recipe over its seeds: choose on meta-validation, then report every seed.
+
+    python tools/seeds.py RUN_DIR [RUN_DIR ...] [--suites heldout,long] [--steps 100] [--seeds 5]
+        [--tasks 1] [--out results/seeds] [--readme README.md] [--ship]
+
+1. **Choice, before any held-out number is computed**: the run whose ``best.pt`` has the lowest
+   meta-validation score (``state.pt``'s ``best_score``; validation tasks only) is the recipe's
+   rule. ``--ship`` copies it to ``mpbackprop/data/default_rule.pt`` (``tools/ship_rule.py``).
+2. **Report**: every seed's ``best.pt`` on the held-out suites (``long``: 10T and 25T on every
+   family, 4x wider, 2x deeper; baselines tuned per task and horizon once, on tuning seeds, shared
+   by all rules). Writes ``OUT/seeds.json`` and the README section between ``<!-- seeds:start -->``
+   and ``<!-- seeds:end -->``.
+
+A rule meets the long-horizon bar of issue 13 on a family when it has no diverged run (final loss
+NaN or above the initial loss) and its mean validation loss is at most 1.05x tuned Adam's at every
+long horizon of that family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mpbackprop import _json
+from mpbackprop import evaluation as ev
+from mpbackprop._io import atomic_write, replace_section
+from mpbackprop.rules import load_rule
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- seeds:start -->", "<!-- seeds:end -->"
+BASELINES = ("sgd", "momentum", "adam")
+BAR = 1.05
+
+
+def best_score(run: Path) -> tuple[float, int]:
+    """``(meta-validation score of best.pt, its step)`` from the run directory (validation tasks only)."""
+    _, _, meta = load_rule(run / "best.pt")
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    return float(state["best_score"]), int(meta.get("step", -1))
+
+
+def _group(spec_name: str, steps: int, base: int) -> str:
+    """Row label of a long-suite task: its family (by dataset/arch) and horizon multiple."""
+    return f"{spec_name.split('/')[0]}/{spec_name.split('/')[1]} @ {steps // base}T"
+
+
+def _evaluate(suite: str, rules: dict[str, tuple], args: argparse.Namespace) -> dict[str, dict]:
+    """Per rule, the summary of ``suite``: baselines once (tuned, cached), the rule's runs per rule."""
+    cache = Path(args.out) / "tuning"
+    tasks = ev.suite_tasks(suite, args.family, args.tasks, args.steps)
+    say = (lambda m: print(f"  [{suite}] {m}", file=sys.stderr, flush=True))
+    methods = ev.SUITE_METHODS.get(suite, BASELINES + ("learned",))
+    base = ev.evaluate(tasks, None, seeds=args.seeds, methods=tuple(m for m in methods if m in BASELINES),
+                       tuning_seeds=args.tuning_seeds, cache=cache, progress=say)
+    out = {}
+    for name, rule in rules.items():
+        mine = ev.evaluate(tasks, rule, seeds=args.seeds, methods=("learned",), progress=say)
+        merged = []
+        for b, m in zip(base, mine):
+            merged.append(replace(b, curves={**m.curves, **b.curves}, lrs=dict(b.lrs)))
+        order = ("learned",) + tuple(m for m in methods if m in BASELINES)
+        out[name] = ev.summarize(merged, order)
+    return out
+
+
+def _long_rows(summary: dict, base: int) -> dict[str, dict]:
+    """Long suite per (family, multiple): learned/Adam ratio of mean losses, diverged counts."""
+    rows: dict[str, dict] = {}
+    for t in summary["tasks"]:
+        key = _group(t["task"], t["steps"], base)
+        learned, adam = t["methods"]["learned"], t["methods"]["adam"]
+        row = rows.setdefault(key, {"ratios": [], "diverged": 0, "adam_diverged": 0, "runs": 0})
+        row["ratios"].append(learned.get("ratio_to_adam"))
+        row["diverged"] += learned["diverged"]
+        row["adam_diverged"] += adam["diverged"]
+        row["runs"] += learned["runs"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--suites", default="heldout,long")
+    ap.add_argument("--family", default="digits-mlp")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--tasks", type=int, default=1)
+    ap.add_argument("--tuning-seeds", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "results" / "seeds"))
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--ship", action="store_true", help="package the chosen run's best.pt as the default rule")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # 1. the choice, on meta-validation only
+    scores = {str(r): best_score(r) for r in args.runs}
+    chosen = min(scores, key=lambda r: scores[r][0])
+    print(f"chosen on meta-validation: {chosen} (score {scores[chosen][0]:.4f} at step {scores[chosen][1]})",
+          file=sys.stderr)
+    if args.ship:
+        sys.path.insert(0, str(ROOT / "tools"))
+        import ship_rule
+
+        ship_rule.main([chosen])
+    # 2. every seed on held-out
+    rules = {str(r): load_rule(r / "best.pt")[:2] for r in args.runs}
+    start = time.perf_counter()
+    suites = {s: _evaluate(s, rules, args) for s in args.suites.split(",")}
+    doc = {"chosen": chosen, "validation": {r: {"score": s, "step": k} for r, (s, k) in scores.items()},
+           "steps": args.steps, "seeds": args.seeds, "tasks": args.tasks, "suites": suites,
+           "seconds": time.perf_counter() - start}
+    atomic_write(Path(args.out) / "seeds.json", lambda p: Path(p).write_text(_json.dumps(doc, indent=1)))
+    lines = [START, "", f"Generated by `python tools/seeds.py {' '.join(Path(r).name for r in args.runs)} "
+             f"--steps {args.steps} --seeds {args.seeds} --tasks {args.tasks}`: every meta-training seed of the "
+             f"recipe, its `best.pt`; the shipped rule is the seed with the best meta-validation score (chosen "
+             f"before any held-out number was computed). Long suite: learned / tuned Adam mean validation loss "
+             f"(Adam re-tuned per task and horizon; bar ≤ {BAR}), diverged runs of the rule (final loss NaN or "
+             f"above its initial loss) out of all.", ""]
+    head = "| run | meta-val score (step) |"
+    sep = "|---|---|"
+    if "heldout" in suites:
+        head += " heldout Δ vs Adam at T [95% CI] | speedup |"
+        sep += "---|---|"
+    keys: list[str] = []
+    if "long" in suites:
+        keys = sorted(_long_rows(next(iter(suites["long"].values())), args.steps))
+        head += "".join(f" {k} |" for k in keys) + " diverged |"
+        sep += "---|" * (len(keys) + 1)
+    lines += [head, sep]
+    for r in rules:
+        s, k = scores[r]
+        mark = " (shipped)" if r == chosen else ""
+        row = f"| `{Path(r).name}`{mark} | {s:.4f} ({k}) |"
+        if "heldout" in suites:
+            e = suites["heldout"][r]["methods"]["learned"]
+            d = e.get("paired_diff_vs_adam", {})
+            ci = d.get("ci", [None, None])
+            row += (f" {d['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] |" if d and None not in ci else " n/a |")
+            row += f" {e['speedup_vs_adam']:.2f} |" if e["speedup_vs_adam"] else " <1 |"
+        if "long" in suites:
+            rows = _long_rows(suites["long"][r], args.steps)
+            cells = []
+            for key in keys:
+                ratios = [x for x in rows[key]["ratios"] if x is not None]
+                worst = max(ratios) if ratios else None
+                flag = "" if worst is not None and worst <= BAR else " ✗"
+                cells.append(f" {worst:.3f}{flag} |" if worst is not None else " n/a ✗ |")
+            div = sum(v["diverged"] for v in rows.values())
+            runs = sum(v["runs"] for v in rows.values())
+            row += "".join(cells) + f" {div}/{runs} |"
+        lines.append(row)
+    if "long" in suites:
+        any_rule = next(iter(suites["long"].values()))
+        adam_div = sum(v["adam_diverged"] for v in _long_rows(any_rule, args.steps).values())
+        lines += ["", f"Tuned Adam's diverged runs in the long suite: {adam_div}. Per-task numbers: "
+                      f"`{Path(args.out).name}/seeds.json`."]
+    lines += ["", END]
+    readme = Path(args.readme)
+    readme.write_text(replace_section(readme.read_text(), START, END, lines, "Meta-training seeds"))
+    print(f"README seeds section regenerated from {args.out}/seeds.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
