@@ -14,6 +14,8 @@ from mpbackprop.rules import LearnedBackward, LearnedUpdate, load_rule, save_rul
 from mpbackprop.rules import learned as L
 from mpbackprop.rules.base import LayerContext, UpdateContext
 
+from hostile_output import edited_rule_file
+
 
 def _perturb(*modules: nn.Module, scale: float = 0.5, seed: int = 0) -> None:
     """Move every meta-parameter off its (partly zero) start so that every term is exercised."""
@@ -186,16 +188,7 @@ def test_both_feature_sets_train_a_network(features):
 
 # ------------------------------------------------------------------ bounds on load
 def _edited_rule_file(tmp_path, part="update", config=None, state=None):
-    """A rule file saved by ``save_rule`` whose ``part`` config / state were then edited."""
-    path = save_rule(tmp_path / "r.pt", LearnedBackward(), LearnedUpdate())
-    blob = torch.load(path, weights_only=True)
-    cfg = json.loads(blob[part]["config"])
-    cfg.update(config or {})
-    blob[part]["config"] = json.dumps(cfg)  # NaN / Infinity as Python writes them: what a hostile file holds
-    if state is not None:
-        blob[f"{part}_state"] = state
-    torch.save(blob, path)
-    return path
+    return edited_rule_file(tmp_path / "r.pt", part, config, state)
 
 
 @pytest.mark.parametrize("part,key,value,allowed", [
