@@ -250,17 +250,17 @@ def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, messag
     message_step = steps - 1 if message_step is None else message_step
     if not 0 <= message_step < steps:
         raise ValueError(f"message_step must be in 0..{steps - 1} (0-based, steps={steps}), got {message_step}")
-    run_spec = replace(spec, init_seed=spec.init_seed + seed)
-    task = get_task(run_spec)
-    if adam_lr is None:
-        adam_lr = tune_lr(spec, "adam", steps, tuning_seeds=1)["lr"]
     if rule == "exact":
         rules = {"exact": (Exact(), SGD(0.1))}
     elif rule == "fa":
         rules = {}
-    else:
+    else:  # a missing or damaged rule file is refused before any training
         backward, update, path = resolve_rule(rule)
         rules = {f"learned ({path.name})": (backward, update)}
+    run_spec = replace(spec, init_seed=spec.init_seed + seed)
+    task = get_task(run_spec)
+    if adam_lr is None:
+        adam_lr = tune_lr(spec, "adam", steps, tuning_seeds=1)["lr"]
     rules["fa + adam"] = (FeedbackAlignment(seed=seed), Adam(adam_lr))
     analyses = []
     for name, (backward, update) in rules.items():
