@@ -41,7 +41,7 @@ from . import _json as strict_json
 from ._io import atomic_write
 from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
 
-__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "SEED", "THREADS",
+__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "THREADS",
            "PositiveFloat", "PlotFile", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -149,12 +149,10 @@ def _file_being_written(exc: BaseException) -> Path | None:
     A failing ``write()`` raises an ``OSError`` without a file name; every file mpbackprop
     writes goes through ``atomic_write``, whose frame in the traceback still holds the target.
     """
-    from . import _io
-
     target = None
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code is _io.atomic_write.__code__:
+        if tb.tb_frame.f_code is atomic_write.__code__:
             target = tb.tb_frame.f_locals.get("path")
         tb = tb.tb_next
     return target
