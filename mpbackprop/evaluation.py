@@ -434,6 +434,8 @@ def format_report(summary: dict[str, Any], methods: tuple[str, ...] = METHODS) -
             dtxt = f"{diff['mean']:+.4f} [{diff['ci'][0]:+.4f},{diff['ci'][1]:+.4f}]" if diff else ""
             acc = e["val_acc_mean"]
             loss = f"{e['val_loss_mean']:.4f} [{lo:.4f},{hi:.4f}]"
+            if e.get("diverged"):  # the mean and interval are not finite: say why
+                loss, dtxt = f"{e['diverged']} run(s) diverged", "n/a" if diff else ""
             speed = e.get("speedup_vs_adam", float("nan"))
             stxt = "<1" if speed == 0.0 else f"{speed:.2f}"  # 0: never reached Adam's loss within T
             lines.append(f"  {m:<24}{loss:>28}{acc:>7.3f}{dtxt:>28}{stxt:>9}{e['ms_per_step']:>9.2f}")
