@@ -12,6 +12,10 @@
 plus the validation loss curve, and per weight use the mean message magnitude at chosen steps
 (to draw where the signal flows and where it dies). Feedback alignment is the usual reference:
 its signal starts misaligned and aligns as the forward weights adapt (Lillicrap et al., 2016).
+
+A value that is undefined (a cosine against a zero gradient, statistics of a layer without
+backward state) or not finite (a diverged run) is ``nan`` in memory and ``null`` in the JSON;
+``"diverged": true`` marks a rule whose run diverged (as :mod:`mpbackprop.evaluation` defines it).
 """
 
 from __future__ import annotations
@@ -56,8 +60,16 @@ class Analysis:
     val_loss: list[float]
     messages: dict[int, Tensor] = field(default_factory=dict)  # step -> (num uses,) mean |message|
 
+    @property
+    def diverged(self) -> bool:
+        """Whether the run diverged (:func:`mpbackprop.evaluation.is_diverged` at some step)."""
+        from .evaluation import is_diverged
+
+        return any(is_diverged(v) for v in self.val_loss)
+
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "steps": self.steps, "val_loss": self.val_loss,
+        """The series as a dict (floats may be ``nan``: write it with :func:`mpbackprop._json.dumps`)."""
+        return {"rule": self.rule, "steps": self.steps, "val_loss": self.val_loss, "diverged": self.diverged,
                 "layers": [dict(vars(layer)) for layer in self.layers]}
 
 
@@ -185,10 +197,13 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str = "") -> 
     from ._io import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    positive = False
     for k, (name, values) in enumerate(curves.items()):
-        finite = [v if math.isfinite(v) else float("nan") for v in values]
+        finite = [v if math.isfinite(v) and v > 0 else float("nan") for v in values]
+        positive = positive or any(math.isfinite(v) for v in finite)
         ax.plot(range(1, len(finite) + 1), finite, label=name, color=f"C{k}")
-    ax.set_yscale("log")
+    if positive:  # a log axis without a positive value only warns
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(title, fontsize=9)
@@ -223,7 +238,8 @@ def _summary_md(analyses: list[Analysis], title: str) -> str:
 def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, message_step: int | None = None,
            adam_lr: float | None = None) -> dict[str, Any]:
     """Analyse ``rule`` (a rule file/directory/``default``, or ``exact``/``fa``) and feedback
-    alignment on task ``spec``; write JSON, PNGs and a markdown summary to ``out``."""
+    alignment on task ``spec``; write JSON, PNGs and a markdown summary to ``out``. ``message_step``
+    (0-based; default the last step) is the step whose messages are drawn."""
     from dataclasses import replace
 
     from .evaluation import resolve_rule, run_method, tune_lr
@@ -231,36 +247,38 @@ def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, messag
     from .plotting import plot_network
     from .rules import SGD, Exact, FeedbackAlignment
 
-    run_spec = replace(spec, init_seed=spec.init_seed + seed)
-    task = get_task(run_spec)
-    if adam_lr is None:
-        adam_lr = tune_lr(spec, "adam", steps, tuning_seeds=1)["lr"]
+    message_step = steps - 1 if message_step is None else message_step
+    if not 0 <= message_step < steps:
+        raise ValueError(f"message_step must be in 0..{steps - 1} (0-based, steps={steps}), got {message_step}")
     if rule == "exact":
         rules = {"exact": (Exact(), SGD(0.1))}
     elif rule == "fa":
         rules = {}
-    else:
+    else:  # a missing or damaged rule file is refused before any training
         backward, update, path = resolve_rule(rule)
         rules = {f"learned ({path.name})": (backward, update)}
+    run_spec = replace(spec, init_seed=spec.init_seed + seed)
+    task = get_task(run_spec)
+    if adam_lr is None:
+        adam_lr = tune_lr(spec, "adam", steps, tuning_seeds=1)["lr"]
     rules["fa + adam"] = (FeedbackAlignment(seed=seed), Adam(adam_lr))
-    message_step = steps - 1 if message_step is None else min(message_step, steps - 1)
     analyses = []
     for name, (backward, update) in rules.items():
         gen = task.batch_generator(seed)  # the same batches as evaluate's runs of this seed
         an = analyze(task.net, task.theta0.clone(), lambda: task.batch(gen), lambda th: task.evaluate(th)[0],
                      backward, update, steps, task.loss, adam_lr, (message_step,), name)
         analyses.append(an)
-    adam_curve = run_method(spec, "adam", steps, seed, lr=adam_lr).loss
+    adam_run = run_method(spec, "adam", steps, seed, lr=adam_lr)
+    adam_curve = adam_run.loss
     doc = {"task": run_spec.name, "steps": steps, "seed": seed, "adam_lr": adam_lr,
-           "rules": [a.to_json() for a in analyses], "adam_val_loss": adam_curve}
+           "rules": [a.to_json() for a in analyses], "adam_val_loss": adam_curve, "adam_diverged": adam_run.diverged}
     doc.update(analyses[0].to_json())  # the analysed rule's series at the top level
     if out is not None:
-        import json
-
+        from . import _json as strict_json
         from ._io import atomic_write
 
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "analysis.json", lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+        atomic_write(out / "analysis.json", lambda p: Path(p).write_text(strict_json.dumps(doc, indent=1)))
         plot_alignment(analyses, out / "alignment.png", "cos_to_grad")
         plot_alignment(analyses, out / "update_alignment.png", "update_cos_to_adam")
         plot_curves({**{a.rule: a.val_loss for a in analyses}, f"adam (tuned lr {adam_lr:.3g})": adam_curve},

@@ -6,20 +6,26 @@ subcommand (``mpbackprop --seed 3 compile ...``); every option can also be set t
 environment variable ``MPBACKPROP_<OPTION>`` (``MPBACKPROP_SEED=3``,
 ``MPBACKPROP_COMPILE_FORMAT=json``).
 
-Errors: a library error (:class:`~mpbackprop.errors.MPBackpropError`), an OS error on a
-file, or bad command-line input prints one line ``Error: ...`` on stderr and exits 2;
-``--debug`` prints the traceback instead. An unexpected exception (a bug) prints one line
-and exits 1. New subcommands get this by decorating their callback with
-:func:`report_errors` (below ``@main.command()``) and raising :class:`CLIError` (or a
-library error) for refusals of their own. Callbacks return None: like click's own
-non-standalone ``main``, the group turns an ``int`` return value into the exit status.
+Exit statuses: 0 success; 1 ``verify`` found the engine disagreeing with the reference;
+2 bad input — a library error (:class:`~mpbackprop.errors.MPBackpropError`), an OS error on a
+file (a full disk included), or a refused command line, each printed as one line ``Error: ...``
+on stderr; 70 (``EX_SOFTWARE``) an unexpected exception, i.e. a bug, also one line; 130
+interrupted (Ctrl-C). ``--debug`` prints the traceback instead of the line. New subcommands get
+this by decorating their callback with :func:`report_errors` (below ``@main.command()``) and
+raising :class:`CLIError` (or a library error) for refusals of their own. Callbacks return None:
+like click's own non-standalone ``main``, the group turns an ``int`` return value into the exit
+status. Option values are checked by the types below (:data:`SEED`, :data:`THREADS`,
+:class:`PositiveFloat`, :class:`PlotFile`): a refusal names the option and what it allows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
+import math
+import os
 import sys
 import time
 import traceback
@@ -31,10 +37,12 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__
+from . import _json as strict_json
 from ._io import atomic_write
 from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
 
-__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS"]
+__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "THREADS",
+           "PositiveFloat", "PlotFile", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,10 +58,20 @@ CONTEXT_SETTINGS = {
 
 
 # ---------------------------------------------------------------------------- errors
+#: Exit status of ``verify`` when the engine disagrees with the reference.
+EXIT_FAILED = 1
+#: Exit status of every refusal of bad input (one ``Error: ...`` line).
+EXIT_BAD_INPUT = 2
+#: Exit status of an unexpected exception, a bug (sysexits' ``EX_SOFTWARE``).
+EXIT_INTERNAL = 70
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
 class CLIError(click.ClickException):
     """A refusal of the command line: printed as one ``Error: ...`` line, exit status 2."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass
@@ -85,11 +103,11 @@ def _exit(code: int) -> None:
 def report_errors(func: F) -> F:
     """Decorate a subcommand callback so that failures end it with one line (or a traceback).
 
-    ``MPBackpropError`` and ``OSError``: ``Error: <message>`` on stderr, exit 2.
-    Click's own exceptions (``CLIError``, ``click.BadParameter``, ...) pass through to
-    :class:`_Group`, which prints them on one line too. Any other exception: one line
-    ``Error: internal error ...`` and exit 1. With ``--debug`` each of these prints the
-    full traceback instead of the line.
+    ``MPBackpropError`` and ``OSError``: ``Error: <message>`` on stderr, exit 2 (a full disk:
+    ``no space left on device writing <file>``). Click's own exceptions (``CLIError``,
+    ``click.BadParameter``, ...) pass through to :class:`_Group`, which prints them on one line
+    too. Any other exception: one line ``Error: internal error ...`` and exit 70. With
+    ``--debug`` each of these prints the full traceback instead of the line.
     """
 
     @functools.wraps(func)
@@ -105,17 +123,44 @@ def report_errors(func: F) -> F:
         except (KeyboardInterrupt, BrokenPipeError):  # click's main handles both
             raise
         except MPBackpropError as exc:
-            _fail(exc, _one_line(str(exc)) or type(exc).__name__, 2)
+            _fail(exc, _one_line(str(exc)) or type(exc).__name__, EXIT_BAD_INPUT)
         except OSError as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            _fail(exc, f"{where}{exc.strerror or _one_line(str(exc)) or type(exc).__name__}", 2)
+            _fail(exc, _os_error_line(exc), EXIT_BAD_INPUT)
         except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
-            first = _one_line(str(exc))
-            _fail(exc, f"internal error ({type(exc).__name__}{': ' + first if first else ''}); "
-                       "rerun with --debug for the traceback", 1)
+            _fail(exc, _internal_error_line(exc), EXIT_INTERNAL)
         return None  # pragma: no cover - _fail always exits
 
     return wrapper  # type: ignore[return-value]
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``<file>: <reason>``; a full disk names the file being written (see :func:`_file_being_written`)."""
+    if exc.errno == errno.ENOSPC:
+        target = exc.filename or _file_being_written(exc)
+        where = f" writing {target}" if target else ""
+        return f"no space left on device{where}; free some space and rerun"
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or _one_line(str(exc)) or type(exc).__name__}"
+
+
+def _file_being_written(exc: BaseException) -> Path | None:
+    """The target of the :func:`~mpbackprop._io.atomic_write` during which ``exc`` was raised.
+
+    A failing ``write()`` raises an ``OSError`` without a file name; every file mpbackprop
+    writes goes through ``atomic_write``, whose frame in the traceback still holds the target.
+    """
+    target = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is atomic_write.__code__:
+            target = tb.tb_frame.f_locals.get("path")
+        tb = tb.tb_next
+    return target
+
+
+def _internal_error_line(exc: BaseException) -> str:
+    first = _one_line(str(exc))
+    return f"internal error ({type(exc).__name__}{': ' + first if first else ''}); rerun with --debug for the traceback"
 
 
 def _fail(exc: BaseException, message: str, code: int) -> None:
@@ -129,7 +174,9 @@ def _fail(exc: BaseException, message: str, code: int) -> None:
 class _Group(click.Group):
     """A group whose usage errors print one line (``Error: ... (see 'CMD --help')``), exit 2.
 
-    Click's default prints the usage synopsis, a hint and the message on four lines.
+    Click's default prints the usage synopsis, a hint and the message on four lines. Ctrl-C
+    exits 130; an exception that escapes the callbacks' :func:`report_errors` (the group's own
+    callback has none) is still an internal error: one line, exit 70.
     """
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
@@ -150,8 +197,93 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - a bug outside report_errors
+            if _debug_in(args):
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            else:
+                click.echo(f"Error: {_internal_error_line(exc)}", err=True)
+            sys.exit(EXIT_INTERNAL)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _debug_in(args: Any) -> bool:
+    """Whether ``--debug`` (or ``MPBACKPROP_DEBUG``) was given, read without a click context."""
+    argv = sys.argv[1:] if args is None else list(args)
+    env = os.environ.get("MPBACKPROP_DEBUG", "").strip().lower()
+    return "--debug" in argv or env in ("1", "true", "t", "yes", "y", "on")
+
+
+def _refuse(kind: click.ParamType, message: str, param: click.Parameter | None, ctx: click.Context | None) -> None:
+    """``kind.fail(message)``, naming the environment variable when the value came from one."""
+    if param is not None and ctx is not None and param.name is not None \
+            and ctx.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT:
+        envvar = param.envvar if isinstance(param.envvar, str) else \
+            f"{ctx.auto_envvar_prefix}_{param.name.upper()}" if ctx.auto_envvar_prefix else None
+        if envvar:
+            message += f" (from {envvar})"
+    kind.fail(message, param, ctx)
+
+
+class IntBetween(click.ParamType):
+    """An integer ``lo <= N <= hi``; a refusal says which values are allowed (``allowed``)."""
+
+    name = "integer"
+
+    def __init__(self, lo: int, hi: int, allowed: str) -> None:
+        self.lo, self.hi, self.allowed = lo, hi, allowed
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip(), 10)
+            except ValueError:
+                _refuse(self, f"{value!r} is not an integer; allowed: {self.allowed}", param, ctx)
+        if not self.lo <= number <= self.hi:
+            _refuse(self, f"{value} is out of range; allowed: {self.allowed}", param, ctx)
+        return number
+
+
+#: The global ``--seed`` (also ``MPBACKPROP_SEED``): what ``torch.manual_seed`` and the seeded
+#: task and feedback streams accept, with room for the offsets added to it.
+SEED = IntBetween(0, 2**63 - 1, "0 <= seed < 2**63")
+#: ``--threads`` of the commands that set torch's intra-op threads (more than 256 only stalls).
+THREADS = IntBetween(1, 256, "1 <= threads <= 256")
+
+
+class PositiveFloat(click.ParamType):
+    """A finite number ``> 0`` (a learning rate, a scale): ``nan``, ``inf`` and ``<= 0`` are refused."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            _refuse(self, f"{value!r} is not a number; allowed: a finite number > 0", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            _refuse(self, f"{value} is not allowed; give a finite number > 0", param, ctx)
+        return number
+
+
+class PlotFile(click.Path):
+    """A picture to write: the suffix picks the format, one of :data:`PLOT_SUFFIXES`."""
+
+    #: Picture formats the plots can be written in (matplotlib backends present everywhere).
+    PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(super().convert(value, param, ctx))
+        if path.suffix.lower() not in self.PLOT_SUFFIXES:
+            kind = f"a {path.suffix} file" if path.suffix else "a file without a suffix"
+            _refuse(self, f"{path}: cannot draw into {kind}; use a name ending in "
+                          f"{', '.join(self.PLOT_SUFFIXES[:-1])} or {self.PLOT_SUFFIXES[-1]}", param, ctx)
+        return path
 
 
 class ShapeParam(click.ParamType):
@@ -185,7 +317,7 @@ def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
 # ----------------------------------------------------------------------------- group
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", "-V", prog_name="mpbackprop")
-@click.option("--seed", type=int, default=0, help="Seed for torch.manual_seed before anything runs.")
+@click.option("--seed", type=SEED, default=0, help="Seed for torch.manual_seed before anything runs (0 <= seed < 2**63).")
 @click.option("--debug", is_flag=True, default=False, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, seed: int, debug: bool) -> None:
@@ -193,7 +325,8 @@ def main(ctx: click.Context, seed: int, debug: bool) -> None:
 
     Compile a PyTorch network into a neuron/param heterograph, inspect and verify it, meta-train
     a learned backward pass, evaluate it against tuned baselines and analyse what it learned.
-    Errors print one line and exit with status 2 (--debug: the traceback).
+    Exit status: 0 success, 1 verification failed, 2 bad input (one "Error: ..." line on stderr),
+    70 internal error (a bug; also one line), 130 interrupted; --debug prints the traceback instead.
     Options may also come from environment variables: MPBACKPROP_SEED, MPBACKPROP_DEBUG,
     MPBACKPROP_<COMMAND>_<OPTION> (e.g. MPBACKPROP_COMPILE_FORMAT=json).
     """
@@ -639,12 +772,14 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 @click.option("--seeds", type=click.IntRange(min=2), default=10, help="Reported seeds per task and method.")
 @click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=3, help="Held-out tasks per suite.")
 @click.option("--tuning-seeds", type=click.IntRange(min=1), default=2, help="Seeds used to tune learning rates.")
-@click.option("--json", "as_json", is_flag=True, default=False, help="Print the report as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.png",
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print the report as JSON (strict: a value that is not finite, e.g. the mean loss of a "
+                   "method with diverged runs, is null; 'diverged' counts those runs).")
+@click.option("--plot", type=PlotFile(), default=None, metavar="FILE.png|.pdf|.svg",
               help="Learning curves with 95% bands per method.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write results.json, report.txt, curves.png and the tuning cache here.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads.")
+@click.option("--threads", type=THREADS, default=1, help="torch threads (1..256).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the learning curves as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
@@ -716,7 +851,7 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
             tb.evaluation(s, results)
         tb.close()
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(strict_json.dumps(doc, indent=2))
     else:
         for s, rep in reports.items():
             click.echo(f"== suite {s} (rule {path}, T={steps}, {seeds} seeds)")
@@ -733,7 +868,7 @@ def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int,
     from . import evaluation as ev
 
     doc = {"rule": str(rule_path), "steps": steps, "seeds": seeds, "suites": reports}
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(strict_json.dumps(doc, indent=2)))
     text = []
     for s, rep in reports.items():
         text.append(f"== suite {s}")
@@ -748,10 +883,12 @@ def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int,
 @click.option("--family", default="digits-mlp", help="Analyse the family's first held-out task.")
 @click.option("--steps", type=click.IntRange(min=2), default=100, help="Training steps.")
 @click.option("--message-step", type=click.IntRange(min=1), default=None,
-              help="Step whose message magnitudes are drawn on the graph [default: the last].")
-@click.option("--adam-lr", type=float, default=None, help="Adam's learning rate [default: tuned at --steps].")
+              help="Step (1..--steps) whose message magnitudes are drawn on the graph [default: the last].")
+@click.option("--adam-lr", type=PositiveFloat(), default=None,
+              help="Adam's learning rate, a finite number > 0 [default: tuned at --steps].")
 @click.option("--json", "as_json", is_flag=True, default=False,
-              help='Print {"layers": [{"name", "cos_to_grad": [...], "norm_ratio": [...], ...}], "steps", ...}.')
+              help='Print {"layers": [{"name", "cos_to_grad": [...], "norm_ratio": [...], ...}], "steps", '
+                   '"diverged", ...}; strict JSON: an undefined value (zero gradient, diverged run) is null.')
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write analysis.json, alignment.png, update_alignment.png, curves.png, messages-*.png, summary.md.")
 @click.pass_context
@@ -768,6 +905,8 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str, steps: int, message_
     from . import analysis
     from .tasks import get_family
 
+    if message_step is not None and message_step > steps:
+        raise CLIError(f"--message-step {message_step} is after the last step; allowed: 1..{steps} (--steps {steps})")
     torch.set_num_threads(1)
     try:
         spec = get_family(family).tasks("heldout", 1)[0]
@@ -776,7 +915,7 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str, steps: int, message_
     seed = ctx.find_object(CLIState).seed if ctx.find_object(CLIState) else 0
     doc = analysis.report(rule, spec, steps, seed, out, None if message_step is None else message_step - 1, adam_lr)
     if as_json:
-        click.echo(json.dumps(doc, indent=1))
+        click.echo(strict_json.dumps(doc, indent=1))
     else:
         for r in doc["rules"]:
             click.echo(f"{r['rule']}: validation loss {r['val_loss'][-1]:.4f} after {steps} steps "

@@ -19,6 +19,11 @@ grows while the best value sits at its edge; results are cached on disk. Reporte
 method and task: validation loss/accuracy at ``T`` (mean and 95% t-interval), the paired
 difference to tuned Adam, the speedup ``T / steps-to-reach tuned Adam's loss at T`` and
 milliseconds per step.
+
+A run whose validation loss stops being finite (or exceeds :data:`DIVERGED_LOSS`) is *diverged*: its remaining
+losses are ``inf``. Statistics over such runs are not finite; the JSON reports write them as
+``null`` (:mod:`mpbackprop._json`) and count the runs in ``"diverged"``. Nothing here prints
+numpy warnings for them.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ from typing import Any, Callable
 
 import torch
 
+from . import _json as strict_json
 from ._io import atomic_write
 from .engine import train_step
 from .metatrain.inner import get_task
 from .rules import SGD, Adam, BackwardRule, Exact, FeedbackAlignment, UpdateRule
 from .tasks import FAMILIES, TaskSpec, get_family
 
-__all__ = ["METHODS", "SUITES", "RunCurve", "run_method", "tune_lr", "evaluate", "suite_tasks", "ci95"]
+__all__ = ["METHODS", "SUITES", "RunCurve", "run_method", "tune_lr", "evaluate", "suite_tasks", "ci95", "curve_band", "is_diverged",
+           "plot_curves", "picture_format"]
 
 METHODS = ("learned", "backprop_learned_update", "learned_backward_adam", "fa_adam", "sgd", "momentum", "adam")
 #: tuned methods → (update kind, initial grid exponents of 10 in quarter decades)
@@ -54,6 +61,13 @@ LONG_MULTIPLES = (10, 25)
 SUITE_METHODS: dict[str, tuple[str, ...]] = {"long": ("learned", "sgd", "momentum", "adam")}
 _TUNING_SEED_BASE = 5_000_000
 _REPORT_SEED_BASE = 7_000_000
+#: A validation loss above this (or not finite) means the run diverged.
+DIVERGED_LOSS = 1e6
+
+
+def is_diverged(loss: float) -> bool:
+    """Whether a validation loss marks a diverged run (not finite, or above :data:`DIVERGED_LOSS`)."""
+    return not math.isfinite(loss) or loss > DIVERGED_LOSS
 
 
 @dataclass
@@ -125,7 +139,7 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
             theta, opt = r.theta, r.state
             loss, acc = task.evaluate(theta, val_examples)
             lv = float(loss)
-            if not math.isfinite(lv) or lv > 1e6:
+            if is_diverged(lv):
                 diverged = True
                 losses += [math.inf] * (steps - k)
                 accs += [float("nan")] * (steps - k)
@@ -155,8 +169,9 @@ def tune_lr(spec: TaskSpec, method: str, steps: int, tuning_seeds: int = 2,
     seeds = [_TUNING_SEED_BASE + s for s in range(tuning_seeds)]
     key = _cache_key(spec, method, steps, seeds)
     path = cache / f"{key}.json" if cache is not None else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
+    cached = _read_cached(path) if path is not None else None
+    if cached is not None:
+        return cached
     lo, hi = _TUNED[method][1]
     scores: dict[float, float] = {}
 
@@ -190,19 +205,34 @@ def tune_lr(spec: TaskSpec, method: str, steps: int, tuning_seeds: int = 2,
     result = {"method": method, "lr": 10.0**best, "grid": {f"{10.0**e:.3g}": v for e, v in sorted(scores.items())},
               "steps": steps, "tuning_seeds": seeds}
     if path is not None:
-        atomic_write(path, lambda p: Path(p).write_text(json.dumps(result, indent=1)))
+        atomic_write(path, lambda p: Path(p).write_text(strict_json.dumps(result, indent=1)))
     return result
 
 
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A tuning result from the cache, or None (no file, or one that is unreadable or has no usable
+    learning rate: it is tuned again and overwritten). Grid scores may be ``null`` (not finite)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, unreadable, not JSON
+        return None
+    lr = doc.get("lr") if isinstance(doc, dict) else None
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        return None
+    return doc
+
+
 def ci95(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval."""
+    """Mean and 95% t-interval; with a value that is not finite, the mean is not either and the
+    interval is ``nan`` (computed without numpy warnings)."""
     import numpy as np
     from scipy import stats
 
     arr = np.asarray(values, dtype=float)
-    mean = float(arr.mean())
     if len(arr) < 2 or not np.isfinite(arr).all():
+        mean = sum(float(v) for v in arr) / len(arr) if len(arr) else float("nan")  # inf + -inf: nan, silently
         return mean, float("nan"), float("nan")
+    mean = float(arr.mean())
     half = float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
     return mean, mean - half, mean + half
 
@@ -347,14 +377,39 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def curve_band(curves: list[list[float]]) -> tuple[Any, Any]:
+    """Per step, the mean over runs and the half-width of its 95% t-interval, over the runs whose
+    loss is finite at that step (``nan`` where none is, half-width ``nan`` where fewer than two
+    are). Masked explicitly, so diverged runs raise no numpy warnings."""
+    import numpy as np
+    from scipy import stats
+
+    arr = np.asarray(curves, dtype=float).reshape(len(curves), -1)
+    ok = np.isfinite(arr)
+    n = ok.sum(0)
+    values = np.where(ok, arr, 0.0)
+    mean = np.divide(values.sum(0), n, out=np.full(arr.shape[1], np.nan), where=n > 0)
+    dev = np.where(ok, values - np.where(n > 0, mean, 0.0), 0.0)
+    var = np.divide((dev**2).sum(0), n - 1, out=np.full(arr.shape[1], np.nan), where=n > 1)
+    half = np.full(arr.shape[1], np.nan)
+    several = n > 1
+    half[several] = stats.t.ppf(0.975, n[several] - 1) * np.sqrt(var[several] / n[several])
+    return mean, half
+
+
+def picture_format(path: Path) -> str:
+    """The matplotlib format a picture ``path`` asks for by its suffix (``png`` without one)."""
+    return Path(path).suffix.lower().lstrip(".") or "png"
+
+
 def plot_curves(results: list[TaskResult], path: Path, methods: tuple[str, ...] = METHODS) -> Path:
-    """Learning curves (mean, 95% band over seeds) per method, one panel per task."""
+    """Learning curves (mean, 95% band over seeds) per method, one panel per task; the format
+    (png, pdf, svg) follows the suffix of ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from scipy import stats
 
     n = len(results)
     cols = min(n, 3)
@@ -362,13 +417,10 @@ def plot_curves(results: list[TaskResult], path: Path, methods: tuple[str, ...] 
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, res in zip(axes.flat, results):
         for k, m in enumerate(methods):
-            arr = np.array([c.loss for c in res.curves[m]], dtype=float)
-            arr = np.where(np.isfinite(arr), arr, np.nan)
-            mean = np.nanmean(arr, 0)
-            x = np.arange(1, arr.shape[1] + 1)
+            mean, half = curve_band([c.loss for c in res.curves[m]])
+            x = np.arange(1, len(mean) + 1)
             ax.plot(x, mean, color=f"C{k}", label=m, lw=1.6 if m in ("learned", "adam") else 1.0)
-            if arr.shape[0] > 1:
-                half = stats.t.ppf(0.975, arr.shape[0] - 1) * np.nanstd(arr, 0, ddof=1) / np.sqrt(arr.shape[0])
+            if np.isfinite(half).any():
                 ax.fill_between(x, mean - half, mean + half, color=f"C{k}", alpha=0.15)
         ax.set_yscale("log")
         ax.set_title(res.spec.name, fontsize=8)
@@ -378,7 +430,7 @@ def plot_curves(results: list[TaskResult], path: Path, methods: tuple[str, ...] 
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90))
+    atomic_write(path, lambda p: fig.savefig(p, format=picture_format(path), dpi=90))
     plt.close(fig)
     return path
 
@@ -410,6 +462,8 @@ def format_report(summary: dict[str, Any], methods: tuple[str, ...] = METHODS) -
             dtxt = f"{diff['mean']:+.4f} [{diff['ci'][0]:+.4f},{diff['ci'][1]:+.4f}]" if diff else ""
             acc = e["val_acc_mean"]
             loss = f"{e['val_loss_mean']:.4f} [{lo:.4f},{hi:.4f}]"
+            if e.get("diverged"):  # the mean and interval are not finite: say why
+                loss, dtxt = f"{e['diverged']} run(s) diverged", "n/a" if diff else ""
             speed = e.get("speedup_vs_adam", float("nan"))
             stxt = "<1" if speed == 0.0 else f"{speed:.2f}"  # 0: never reached Adam's loss within T
             lines.append(f"  {m:<24}{loss:>28}{acc:>7.3f}{dtxt:>28}{stxt:>9}{e['ms_per_step']:>9.2f}")

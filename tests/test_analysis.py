@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
@@ -84,3 +85,13 @@ def test_tensorboard_event_files(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("meta_train/meta_loss")] == [1, 2]
+
+
+def test_report_refuses_a_message_step_outside_the_run():
+    from mpbackprop import analysis
+    from mpbackprop.tasks import get_family
+
+    spec = get_family("tabular-mlp").tasks("heldout", 1)[0]
+    for bad in (5, 17, -1):  # 0-based: steps 0..4 exist (was silently clamped to the last)
+        with pytest.raises(ValueError, match=f"message_step must be in 0..4 .*got {bad}"):
+            analysis.report("fa", spec, 5, 0, None, message_step=bad, adam_lr=0.01)

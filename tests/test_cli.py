@@ -325,18 +325,72 @@ def test_debug_shows_traceback(runner: CliRunner, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "Traceback" in res.stderr and "ModelFileError" in res.stderr
 
 
-def test_unexpected_errors_exit_1_with_one_line(runner: CliRunner, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_errors_exit_70_with_one_line(runner: CliRunner, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_a, **_k):
         raise RuntimeError("kaput\nsecond line")
 
     monkeypatch.setattr(mpbackprop, "compile", boom)
     res = invoke(runner, "compile", EXAMPLES / "mlp_relu.py", "-o", tmp_path / "x.bin")
-    assert res.exit_code == 1
+    assert res.exit_code == 70  # EX_SOFTWARE: not 1, which verify uses for "verification failed"
     assert res.stderr.strip() == ("Error: internal error (RuntimeError: kaput); rerun with --debug for the "
                                   "traceback")
     res = invoke(runner, "--debug", "compile", EXAMPLES / "mlp_relu.py", "-o", tmp_path / "x.bin")
-    assert res.exit_code == 1 and "Traceback" in res.stderr and "second line" in res.stderr
+    assert res.exit_code == 70 and "Traceback" in res.stderr and "second line" in res.stderr
+
+
+def test_a_bug_outside_the_subcommands_is_an_internal_error_too(runner: CliRunner, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(_seed):
+        raise RuntimeError("seeding broke")
+
+    monkeypatch.setattr(torch, "manual_seed", boom)  # called by the group callback, before any subcommand
+    res = invoke(runner, "compile", EXAMPLES / "mlp_relu.py", "-o", tmp_path / "x.bin")
+    assert res.exit_code == 70
+    assert res.stderr.strip() == ("Error: internal error (RuntimeError: seeding broke); rerun with --debug for "
+                                  "the traceback")
+    res = invoke(runner, "--debug", "compile", EXAMPLES / "mlp_relu.py", "-o", tmp_path / "x.bin")
+    assert res.exit_code == 70 and "Traceback" in res.stderr and "seeding broke" in res.stderr
+
+
+def test_interrupt_exits_130(runner: CliRunner) -> None:
+    @click.command("interrupted")
+    @report_errors
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    main.add_command(interrupted)
+    try:
+        res = invoke(runner, "interrupted")
+        assert res.exit_code == 130 and "Traceback" not in res.output
+    finally:
+        main.commands.pop("interrupted")
+
+
+def test_full_disk_names_the_file_being_written(runner: CliRunner, tmp_path: Path) -> None:
+    import errno
+
+    from mpbackprop._io import atomic_write
+
+    def no_space(_tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() raises: no file name
+
+    @click.command("fill")
+    @click.option("--named", is_flag=True)
+    @report_errors
+    def fill(named: bool) -> None:
+        if named:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "named.bin"))
+        atomic_write(tmp_path / "sub" / "results.json", no_space)
+
+    main.add_command(fill)
+    try:
+        line = assert_refused(invoke(runner, "fill"), "no space left on device writing")
+        assert str(tmp_path / "sub" / "results.json") in line and "internal error" not in line
+        assert not list((tmp_path / "sub").iterdir())  # the temporary file is gone
+        assert_refused(invoke(runner, "fill", "--named"), f"no space left on device writing {tmp_path / 'named.bin'}")
+    finally:
+        main.commands.pop("fill")
 
 
 def test_report_errors_serves_new_subcommands(runner: CliRunner) -> None:
@@ -365,6 +419,9 @@ def test_report_errors_serves_new_subcommands(runner: CliRunner) -> None:
 def test_version_and_help(runner: CliRunner) -> None:
     res = invoke(runner, "--version")
     assert res.exit_code == 0 and mpbackprop.__version__ in res.stdout
+    res = invoke(runner, "--help")
+    text = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and "70 internal error" in text and "130 interrupted" in text
     res = invoke(runner, "compile", "--help")
     assert res.exit_code == 0 and "mpbackprop-json" in res.stdout
     res = invoke(runner, "nosuchcommand")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
 from mpbackprop import evaluation as ev
+from mpbackprop._json import dumps, loads_strict
 from mpbackprop.tasks import TaskSpec
 
 
@@ -85,3 +87,37 @@ def test_combined_task_intervals():
     assert mean == pytest.approx(2.0)
     assert hi - mean == pytest.approx(t * math.sqrt(0.05) / 2)
     assert lo == pytest.approx(2 * mean - hi)
+
+
+def test_curve_band_uses_the_finite_runs_of_each_step():
+    from scipy import stats
+
+    inf = math.inf
+    mean, half = ev.curve_band([[1.0, 2.0, inf], [3.0, inf, inf], [2.0, 5.0, inf]])
+    assert mean[0] == pytest.approx(2.0) and half[0] == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem([1, 3, 2]))
+    assert mean[1] == pytest.approx(3.5) and half[1] == pytest.approx(stats.t.ppf(0.975, 1) * stats.sem([2, 5]))
+    assert math.isnan(mean[2]) and math.isnan(half[2])  # every run diverged by then
+    mean, half = ev.curve_band([[1.0], [inf]])
+    assert mean[0] == 1.0 and math.isnan(half[0])  # one finite run: no interval
+
+
+def test_statistics_and_plots_of_diverged_runs_raise_no_warnings(tmp_path):
+    steps, inf, nan = 5, math.inf, math.nan
+    adam = [ev.RunCurve([1.0 - 0.1 * k - 0.01 * s for k in range(steps)], [0.5] * steps, 1.0) for s in range(3)]
+    partly = [ev.RunCurve([1.0, 0.9] + [inf] * 3, [0.5, 0.5] + [nan] * 3, 1.0, True)] + adam[:2]
+    blown = [ev.RunCurve([inf] * steps, [nan] * steps, 1.0, True) for _ in range(3)]
+    res = ev.TaskResult(TaskSpec(), steps, {}, {"adam": adam, "learned": partly, "sgd": blown})
+    methods = ("learned", "sgd", "adam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice", "invalid value encountered", ...
+        doc = ev.summarize([res], methods=methods)
+        lines = ev.format_report(doc, methods=methods)
+        ev.plot_curves([res], tmp_path / "curves.svg", methods=methods)
+        mean, lo, hi = ev.ci95([inf, -inf, 1.0])
+    assert math.isnan(mean) and math.isnan(lo) and math.isnan(hi)
+    assert doc["methods"]["sgd"]["diverged"] == 3 and doc["methods"]["learned"]["diverged"] == 1
+    assert any(line.split()[:4] == ["sgd", "3", "run(s)", "diverged"] for line in lines), lines
+    assert (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+    strict = loads_strict(dumps(doc))
+    assert strict["methods"]["sgd"]["val_loss_mean"] is None and strict["methods"]["learned"]["val_loss_ci"] == [None, None]
+    assert strict["methods"]["adam"]["val_loss_mean"] == pytest.approx(doc["methods"]["adam"]["val_loss_mean"])

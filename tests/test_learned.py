@@ -14,6 +14,8 @@ from mpbackprop.rules import LearnedBackward, LearnedUpdate, load_rule, save_rul
 from mpbackprop.rules import learned as L
 from mpbackprop.rules.base import LayerContext, UpdateContext
 
+from hostile_output import edited_rule_file
+
 
 def _perturb(*modules: nn.Module, scale: float = 0.5, seed: int = 0) -> None:
     """Move every meta-parameter off its (partly zero) start so that every term is exercised."""
@@ -182,3 +184,69 @@ def test_both_feature_sets_train_a_network(features):
         theta, state = r.theta, r.state
         losses.append(float(r.loss))
     assert losses[-1] < 0.7 * losses[0]
+
+
+# ------------------------------------------------------------------ bounds on load
+def _edited_rule_file(tmp_path, part="update", config=None, state=None):
+    return edited_rule_file(tmp_path / "r.pt", part, config, state)
+
+
+@pytest.mark.parametrize("part,key,value,allowed", [
+    ("update", "hidden", 2e8, "1..1024"),            # the 6 KB file that allocated > 5 GB
+    ("update", "hidden", 200_000_000, "1..1024"),
+    ("update", "hidden", 0, "1..1024"),
+    ("update", "layers", -1, "1..16"),
+    ("update", "layers", 3.5, "1..16"),
+    ("update", "signal_dim", 65, "1..8"),
+    ("backward", "state_dim", 64, "1..8"),
+    ("backward", "hidden", True, "1..1024"),
+    ("backward", "seed", 2**64, "0..9223372036854775807"),
+    ("update", "lr", float("nan"), "finite"),
+    ("update", "max_step", float("inf"), "finite"),
+])
+def test_rule_config_out_of_bounds_is_refused_before_anything_is_built(tmp_path, monkeypatch, part, key, value,
+                                                                        allowed):
+    path = _edited_rule_file(tmp_path, part, {key: value})
+
+    def must_not_build(**kwargs):
+        raise AssertionError(f"built a rule from {kwargs}")
+
+    from mpbackprop.rules import io
+
+    monkeypatch.setitem(io.BACKWARD_RULES, "learned", must_not_build)
+    monkeypatch.setitem(io.UPDATE_RULES, "learned", must_not_build)
+    with pytest.raises(mp.errors.GraphFileError) as err:
+        load_rule(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(path) in message and key in message and repr(value) in message and allowed in message, message
+
+
+def test_rule_constructors_enforce_the_same_size_limits():
+    for key, (lo, hi) in L.SIZE_LIMITS.items():
+        cls = LearnedBackward if key == "state_dim" else LearnedUpdate
+        cls(**{key: hi})  # the limits themselves are allowed
+        for bad in (lo - 1, hi + 1, float(lo)):
+            with pytest.raises(ValueError, match=key):
+                cls(**{key: bad})
+
+
+def test_state_that_does_not_fit_the_config_is_named_on_one_line(tmp_path):
+    wide = LearnedBackward(hidden=8).state_dict()  # the config (hidden 4) needs width 4
+    path = _edited_rule_file(tmp_path, "backward", state=wide)
+    with pytest.raises(mp.errors.GraphFileError) as err:
+        load_rule(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "coef_mlp.0.weight has shape [8, 4], the config needs [4, 4]" in message, message
+    assert message.endswith("and 2 more)"), message  # six mismatches: four shown, the count of the rest
+
+    state = LearnedUpdate().state_dict()
+    state["extra"] = torch.zeros(2)
+    del state["log_lr_scale"]
+    state["net.0.bias"] = torch.full_like(state["net.0.bias"], float("nan"))
+    with pytest.raises(mp.errors.GraphFileError) as err:
+        load_rule(_edited_rule_file(tmp_path, "update", state=state))
+    message = str(err.value)
+    assert "missing log_lr_scale" in message and "unexpected extra" in message, message
+    assert "net.0.bias holds values that are not finite" in message, message

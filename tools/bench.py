@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mpbackprop as mp
+from mpbackprop import _json as strict_json
 from mpbackprop._io import replace_section
 from mpbackprop.engine import train_step
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, load_rule, rule_path
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         result["meta_training"] = meta_training_probe(args.meta_steps)
         result["distributed"] = distributed_probe(args.meta_steps)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(strict_json.dumps(result, indent=2))
     else:
         for line in _text(result):
             print(line)

@@ -14,11 +14,11 @@ best checkpoint: meta-training must not make a good start worse.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
+from mpbackprop import _json as strict_json
 from mpbackprop.evaluation import ci95, resolve_rule, run_method, suite_tasks
 
 _SEED_BASE = 7_000_000  # the reported seeds of `mpbackprop evaluate`
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         report["horizons"][f"{h}T"] = {"a": {"mean": ma, "ci": [la, ha]}, "b": {"mean": mb, "ci": [lb, hb]},
                                        "b_minus_a": {"mean": md, "ci": [ld, hd]}}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(strict_json.dumps(report, indent=2))
         return 0
     print(f"A = {report['rule_a']}\nB = {report['rule_b']}")
     print(f"{args.family} held-out: {args.tasks} tasks x {args.seeds} seeds, T = {args.steps}")

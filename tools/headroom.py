@@ -12,11 +12,11 @@ whose loss at T is already near its loss at 10T leaves a learned optimizer nothi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
+from mpbackprop import _json as strict_json
 from mpbackprop.evaluation import run_method, tune_lr
 from mpbackprop.tasks import FAMILIES, get_family
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         t, t10 = sum(at_t) / len(at_t), sum(at_10t) / len(at_10t)
         rows.append({"family": name, "adam_loss_T": t, "adam_loss_10T": t10, "ratio": t / t10})
     if args.json:
-        print(json.dumps({"steps": args.steps, "families": rows}, indent=2))
+        print(strict_json.dumps({"steps": args.steps, "families": rows}, indent=2))
         return 0
     print(f"tuned Adam, T = {args.steps}: validation loss at T and at 10T (held-out tasks)")
     print(f"  {'family':<14}{'at T':>10}{'at 10T':>10}{'T / 10T':>10}")

@@ -7,7 +7,8 @@ Runs ``mpbackprop evaluate`` per suite (same code path, same tuning cache under 
 writes ``OUT/<suite>.json`` and ``OUT/curves-<suite>.png``, and replaces the text between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md with the tables. Nothing
 in that section is typed by hand. A suite already in OUT (same rule, steps, seeds, tasks) is
-reused, so an interrupted run continues where it stopped.
+reused, so an interrupted run continues where it stopped. The JSON files are strict: a value
+that is not finite (a method whose runs diverged) is ``null``, shown as ``n/a`` in the tables.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from mpbackprop import _json as strict_json
 from mpbackprop import evaluation as ev
-from mpbackprop._io import replace_section
+from mpbackprop._io import atomic_write, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -36,18 +40,31 @@ def _suite(args: argparse.Namespace, suite: str, rule: tuple, rule_path: Path) -
     path = out / f"{suite}.json"
     key = {"rule": str(rule_path), "rule_sha256": hashlib.sha256(rule_path.read_bytes()).hexdigest()[:16],
            "steps": args.steps, "seeds": args.seeds, "tasks": args.tasks, "family": args.family}
-    if path.is_file():
+    try:
         doc = json.loads(path.read_text())
-        if doc.get("key") == key:
-            return doc
+    except (OSError, ValueError):  # not there yet, or unreadable: run the suite (again)
+        doc = None
+    if isinstance(doc, dict) and doc.get("key") == key:
+        return doc
     start = time.perf_counter()
     tasks = ev.suite_tasks(suite, args.family, args.tasks, args.steps)
     results = ev.evaluate(tasks, rule, seeds=args.seeds, tuning_seeds=args.tuning_seeds, cache=out / "tuning",
                           progress=lambda m: print(f"  [{suite}] {m}", file=sys.stderr))
     doc = {"key": key, "seconds": time.perf_counter() - start, **ev.summarize(results)}
     ev.plot_curves(results, out / f"curves-{suite}.png")
-    path.write_text(json.dumps(doc, indent=1))
-    return doc
+    atomic_write(path, lambda p: Path(p).write_text(strict_json.dumps(doc, indent=1)))
+    return json.loads(strict_json.dumps(doc))  # as a reused suite reads back: null for what is not finite
+
+
+def _num(value: Any) -> float:
+    """A number of a suite file as a float: ``null`` (not finite when written) is ``nan``."""
+    return float("nan") if value is None else float(value)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``n/a`` where it is ``null`` or not finite."""
+    x = _num(value)
+    return format(x, spec) if math.isfinite(x) else "n/a"
 
 
 def _table(doc: dict) -> list[str]:
@@ -57,15 +74,18 @@ def _table(doc: dict) -> list[str]:
     for m, e in doc["methods"].items():
         # mean over tasks, intervals combined from the per-task standard errors (tasks independent)
         tasks = [t["methods"][m] for t in doc["tasks"]]
-        dmean, dlo, dhi = ev.combine_task_cis([(d["paired_diff_vs_adam"]["mean"], *d["paired_diff_vs_adam"]["ci"])
+        dmean, dlo, dhi = ev.combine_task_cis([tuple(_num(v) for v in (d["paired_diff_vs_adam"]["mean"],
+                                                                      *d["paired_diff_vs_adam"]["ci"]))
                                                for d in tasks], seeds)
-        _, lo, hi = ev.combine_task_cis([(d["val_loss_mean"], *d["val_loss_ci"]) for d in tasks], seeds)
-        speed = e["speedup_vs_adam"]
-        stxt = "<1" if speed == 0 else f"{speed:.2f}"
+        _, lo, hi = ev.combine_task_cis([tuple(_num(v) for v in (d["val_loss_mean"], *d["val_loss_ci"]))
+                                         for d in tasks], seeds)
+        speed = _num(e["speedup_vs_adam"])
+        stxt = "<1" if speed == 0 else _fmt(speed, ".2f")
         name = f"**{SHORT[m]}**" if m == "learned" else SHORT[m]
-        dtxt = "—" if m == "adam" else f"{dmean:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
-        lines.append(f"| {name} | {e['val_loss_mean']:.4f} [{lo:.4f}, {hi:.4f}] | {e['val_acc_mean']:.3f} | "
-                     f"{dtxt} | {stxt} | {e['ms_per_step']:.2f} |")
+        dtxt = "—" if m == "adam" else f"{_fmt(dmean, '+.4f')} [{_fmt(dlo, '+.4f')}, {_fmt(dhi, '+.4f')}]"
+        diverged = f" ({e['diverged']} runs diverged)" if e.get("diverged") else ""
+        lines.append(f"| {name}{diverged} | {_fmt(e['val_loss_mean'], '.4f')} [{_fmt(lo, '.4f')}, {_fmt(hi, '.4f')}] | "
+                     f"{_fmt(e['val_acc_mean'], '.3f')} | {dtxt} | {stxt} | {_fmt(e['ms_per_step'], '.2f')} |")
     return lines
 
 

@@ -32,6 +32,7 @@ width 4, one hidden layer) are sized so that a learned step costs a few optimize
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -41,9 +42,24 @@ from torch import Tensor
 from .base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
 from .fa import feedback_weights
 
-__all__ = ["LearnedBackward", "LearnedUpdate", "mlp"]
+__all__ = ["LearnedBackward", "LearnedUpdate", "mlp", "SIZE_LIMITS"]
 
 _EPS = 1e-12
+
+#: Inclusive bounds of the learned rules' sizes, enforced by the constructors and checked by
+#: :func:`mpbackprop.rules.load_rule` before anything is built, so that a rule file of a few
+#: kilobytes cannot ask for gigabytes: the largest update MLP (16 hidden layers of width 1024)
+#: has 17M weights, 64 MB. The shipped rules use width 4 (``compact``) or 16 (``full``).
+SIZE_LIMITS: dict[str, tuple[int, int]] = {"state_dim": (1, 8), "signal_dim": (1, 8), "hidden": (1, 1024),
+                                           "layers": (1, 16)}
+
+
+def _check_sizes(**sizes: Any) -> None:
+    """Raise ``ValueError`` unless every size is an integer within its :data:`SIZE_LIMITS`."""
+    for key, value in sizes.items():
+        lo, hi = SIZE_LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+            raise ValueError(f"{key} must be an integer in {lo}..{hi}, got {value!r}")
 
 
 def mlp(n_in: int, hidden: int, n_out: int, layers: int = 1, zero_last: bool = True) -> nn.Sequential:
@@ -148,7 +164,7 @@ class LearnedBackward(BackwardRule):
     state_dim : int
         Channels ``d`` of the backward state (1–8).
     hidden : int
-        Width of the coefficient and node MLPs.
+        Width of the coefficient and node MLPs (1–1024).
     init : {"backprop", "feedback"}
         Start exactly at backprop, or at feedback alignment (learning from scratch).
     seed : int
@@ -167,8 +183,7 @@ class LearnedBackward(BackwardRule):
         super().__init__()
         if init not in ("backprop", "feedback"):
             raise ValueError(f"init must be 'backprop' or 'feedback', got {init!r}")
-        if not 1 <= state_dim <= 8:
-            raise ValueError(f"state_dim must be in 1..8, got {state_dim}")
+        _check_sizes(state_dim=state_dim, hidden=hidden)
         if features not in ("compact", "full"):
             raise ValueError(f"features must be 'compact' or 'full', got {features!r}")
         self.state_dim = int(state_dim)
@@ -248,9 +263,9 @@ class LearnedUpdate(UpdateRule):
     Parameters
     ----------
     signal_dim : int
-        Channels of the per-parameter signal (the backward rule's ``state_dim``).
+        Channels of the per-parameter signal (the backward rule's ``state_dim``, 1–8).
     hidden : int
-        Width of the hidden layers.
+        Width of the hidden layers (1–1024).
     init : {"adam", "scratch"}
         Add an Adam term (learnable log learning rate) so the rule starts as Adam, or not.
     lr : float
@@ -260,7 +275,7 @@ class LearnedUpdate(UpdateRule):
     exp_mult : float
         Scale ``λ`` of the magnitude output (``full`` only; ``compact`` has no magnitude output).
     layers : int
-        Hidden layers of the MLP.
+        Hidden layers of the MLP (1–16).
     features : {"compact", "full"}
         ``compact``: the signal channels and the momenta at 0.9 and 0.99, each over the root of the
         second moment (and the weight, with ``weight_input``). ``full`` (rules saved before this
@@ -281,8 +296,7 @@ class LearnedUpdate(UpdateRule):
             raise ValueError(f"init must be 'adam' or 'scratch', got {init!r}")
         if features not in FEATURE_SETS:
             raise ValueError(f"features must be one of {', '.join(FEATURE_SETS)}, got {features!r}")
-        if layers < 1:
-            raise ValueError(f"layers must be >= 1, got {layers}")
+        _check_sizes(signal_dim=signal_dim, hidden=hidden, layers=layers)
         self.signal_dim = int(signal_dim)
         self.hidden = int(hidden)
         self.init = init
