@@ -2,7 +2,7 @@
 
 Each :class:`Case` is one command line a careless or hostile user might type, with the exit
 status and a fragment of the one ``Error: ...`` line it must produce. Cases are grouped by area
-in ``HOSTILE_<AREA>`` lists in ``tests/hostile_<area>.py``; ``test_hostile.py`` runs them all as
+in lists named ``CASES`` in ``tests/hostile_<area>.py``; ``test_hostile.py`` runs them all as
 one parametrised table.
 
 ``argv`` and ``env`` values may contain ``{tmp}`` (a fresh directory per case) and ``{examples}``

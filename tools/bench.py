@@ -78,7 +78,7 @@ def _engine_step(net, rule, update, x, y) -> Callable[[], None]:
     state = {"s": update.init_state(theta), "t": theta, "k": 0}
 
     def run() -> None:
-        r = train_step(net, state["t"], x, y, rule, update, rs, state["s"], state["k"])
+        r = train_step(net, state["t"], x, y, rule, update, rs, state["s"], state["k"], total_steps=1000)
         state["t"], state["s"], state["k"] = r.theta, r.state, state["k"] + 1
     return run
 
