@@ -57,7 +57,8 @@ def test_static_feature_names_and_dtypes(case: Case) -> None:
     g = net.graph
     nd, pd = g.nodes["neuron"].data, g.nodes["param"].data
     assert set(nd) == {"layer", "pos", "coord", "act", "kind", "fan_in", "fan_out"}
-    assert set(pd) == {"value", "layer", "role", "index", "tensor", "uses", "fan_in", "fan_out"}
+    assert set(pd) == {"value", "layer", "role", "index", "tensor", "uses", "fan_in", "fan_out", "frozen"}
+    assert not pd["frozen"].any()  # every parameter of the table's models requires grad
     for k, v in nd.items():
         assert v.dtype == torch.int64 and v.shape[0] == net.num_neurons, k
     for k, v in pd.items():
