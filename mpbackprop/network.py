@@ -441,6 +441,9 @@ def compile(model: nn.Module, example_input: Tensor | tuple[int, ...]) -> Compil
 
 
 def load(path: str | os.PathLike) -> CompiledNetwork:
-    """Load a compiled network saved with :meth:`CompiledNetwork.save`."""
-    return CompiledNetwork.load(path)
+    """Load a compiled network saved with :meth:`CompiledNetwork.save` (``compile --format dgl``) or
+    exported with ``compile --format json|graphml`` (:mod:`mpbackprop.exports`)."""
+    from .exports import load_any  # exports builds on this module
+
+    return load_any(path)
 
