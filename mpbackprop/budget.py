@@ -3,13 +3,13 @@
 A graph holds one ``param`` node per scalar parameter and one edge per weight *use* (four
 relations per use: ``in_L``, ``out_L`` and their reverses, plus the per-layer views the engine
 builds), so its size grows with ``uses ≈ parameters × output positions``: a 50M-parameter MLP
-would need about 10 GB. :func:`estimate` counts neurons, parameters, uses and fixed edges from
+would need about 9.5 GB. :func:`estimate` counts neurons, parameters, uses and fixed edges from
 the shapes the compiler's shape pass recorded, before any edge exists; :func:`check_budget`
 refuses a graph over the limit, ``MPBACKPROP_MAX_GRAPH_GB`` gigabytes (default
 :data:`DEFAULT_LIMIT_GB`).
 
-The bytes per item are measured peaks of ``mpbackprop.compile`` plus the views (784-512-512-10
-MLP: about 175 bytes per use), rounded up.
+The bytes per item are measured peaks of ``mpbackprop.compile`` plus the views, rounded up:
+784-H-H-10 MLPs took 145–175 bytes per weight (H = 512 … 2048); the estimate gives 190.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ ENV_VAR = "MPBACKPROP_MAX_GRAPH_GB"
 #: network whose graph would not fit a laptop's memory.
 DEFAULT_LIMIT_GB = 2.0
 
-BYTES_PER_USE = 200  # 4 relations × (src, dst), 3 view blocks, the use→param index, build temporaries
+BYTES_PER_USE = 150  # 4 relations × (src, dst), 3 view blocks, the use→param index, build temporaries
 BYTES_PER_FIXED_EDGE = 150  # fixed_L + reverse, coefficients, 2 view blocks
 BYTES_PER_BIAS_EDGE = 100
 BYTES_PER_NEURON = 100  # 9 int64 features, per-layer index maps
-BYTES_PER_PARAM = 100  # value + 8 int64 features, bias edges' share
+BYTES_PER_PARAM = 40  # value + 8 int64 features, less what the use estimate already covers
 
 
 class GraphTooLargeError(MPBackpropError):
