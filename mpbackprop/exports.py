@@ -248,7 +248,7 @@ def load_any(path: str | os.PathLike) -> CompiledNetwork:
         raise GraphFileError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
-    if head.startswith(b"{"):
+    if head[:1] in (b"{", b"["):
         return read_json(path)
     if head.startswith(b"<"):
         return read_graphml(path)
