@@ -345,3 +345,17 @@ def test_default_limit_takes_the_benchmark_mlp_and_refuses_50m_parameters_at_onc
     mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     assert mp.compile(mlp, (784,)).num_params == 669_706
     assert math.isclose(budget.limit_gb(), budget.DEFAULT_LIMIT_GB)
+
+
+# ---------------------------------------------------------------------------------------- Trainer
+@pytest.mark.parametrize("cls", [_SkipThenIadd, _NoGrad, _CustomFunction])
+def test_trainer_refuses_on_its_first_step_and_leaves_the_module_alone(cls: type) -> None:
+    torch.manual_seed(0)
+    model = cls()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = mp.Trainer(model, rule="exact", update="sgd")
+    with pytest.raises(UnsupportedOpError):
+        trainer.step(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    assert trainer.net is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
