@@ -213,20 +213,6 @@ def main(ctx: click.Context, seed: int, debug: bool) -> None:
 
 
 
-def networkx_for_export(net: Any, model_path: str = "") -> Any:
-    """What ``compile --format graphml`` writes (see :func:`mpbackprop.exports.networkx_for_export`)."""
-    from .exports import networkx_for_export as export
-
-    return export(net, model_path)
-
-
-def json_document(net: Any, model_path: str = "") -> dict[str, Any]:
-    """What ``compile --format json`` writes (see :func:`mpbackprop.exports.json_document`)."""
-    from .exports import json_document as export
-
-    return export(net, model_path)
-
-
 def _shape_text(shape: Any) -> str:
     return "x".join(str(s) for s in shape) if len(shape) else "scalar"
 
