@@ -260,8 +260,13 @@ def test_save_load_round_trip(case: Case, tmp_path) -> None:
     _assert_same_network(net, mpbackprop.load(path))
 
 
+#: one case per kind of block and edge (the exports are generic over the schema; kept short for time)
+EXPORT_CASES = [c for c in CASES if c.id in {"mlp-no-bias", "conv-stride-pad", "pool-no-count-pad", "residual-mlp",
+                                              "difference", "scaling", "act-on-shared", "linear-3d", "output-view"}]
+
+
 @pytest.mark.parametrize("fmt", ["json", "graphml"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=[c.id for c in EXPORT_CASES])
 def test_exports_load_back_as_the_same_network(case: Case, fmt: str, tmp_path) -> None:
     """``compile --format json|graphml`` files rebuild the network exactly (``mpbackprop.load``)."""
     model, net, x = build(case)
