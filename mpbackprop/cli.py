@@ -39,6 +39,7 @@ import click
 from . import __version__
 from . import _json as strict_json
 from ._io import atomic_write
+from ._json import dumps
 from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
 
 __all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "THREADS",
@@ -307,10 +308,15 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 @contextlib.contextmanager
 def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
-    """Prefix compiler errors with the model file and input shape they concern."""
+    """Prefix compiler errors with the model file and input shape they concern; while the model's
+    code runs, what it prints goes to stderr (stdout may be JSON)."""
+    from .budget import GraphTooLargeError
+    from .modelfile import model_output_to_stderr
+
     try:
-        yield
-    except (UnsupportedOpError, ShapeError) as exc:
+        with model_output_to_stderr():
+            yield
+    except (UnsupportedOpError, ShapeError, GraphTooLargeError) as exc:
         raise type(exc)(f"{model_path} (input shape {_shape_text(shape)}): {exc}") from exc
 
 
@@ -338,69 +344,6 @@ def main(ctx: click.Context, seed: int, debug: bool) -> None:
 
 # --------------------------------------------------------------------------- compile
 
-
-
-def _graphml_value(value: Any) -> Any:
-    """A value GraphML can store (bool, int, float, str)."""
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        value = value.item()
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def networkx_for_export(net: Any, model_path: str = "") -> Any:
-    """``net.to_networkx()`` with GraphML-safe attributes, neuron coordinates and graph metadata."""
-    G = net.to_networkx()
-    coord = net.graph.nodes["neuron"].data.get("coord")
-    if coord is not None:
-        for n, (c, h, w) in enumerate(coord.tolist()):
-            attrs = G.nodes[f"n{n}"]
-            attrs["coord_c"], attrs["coord_h"], attrs["coord_w"] = c, h, w
-    for _, attrs in G.nodes(data=True):
-        for k, v in attrs.items():
-            attrs[k] = _graphml_value(v)
-    for _, _, attrs in G.edges(data=True):
-        for k, v in attrs.items():
-            attrs[k] = _graphml_value(v)
-    G.graph.update({
-        "format": "mpbackprop-graphml",
-        "model": model_path,
-        "input_shape": ",".join(str(s) for s in net.input_shape),
-        "output_layer": int(net.output_layer),
-        "metadata": json.dumps(net.metadata()),
-    })
-    return G
-
-
-def json_document(net: Any, model_path: str = "") -> dict[str, Any]:
-    """The document ``compile --format json`` writes (structure in the ``compile`` help)."""
-    g = net.graph
-    nodes = {}
-    for ntype in g.ntypes:
-        nodes[ntype] = {
-            "count": int(g.num_nodes(ntype)),
-            "data": {k: v.tolist() for k, v in g.nodes[ntype].data.items()},
-        }
-    edges = {}
-    for (s, e, d) in g.canonical_etypes:
-        u, v = g.edges(etype=(s, e, d), order="eid")
-        edges[f"{s}:{e}:{d}"] = {
-            "src": u.tolist(),
-            "dst": v.tolist(),
-            "data": {k: t.tolist() for k, t in g.edges[(s, e, d)].data.items()},
-        }
-    return {
-        "format": "mpbackprop-json",
-        "version": 1,
-        "model": model_path,
-        "summary": net.summary(),
-        "network": net.metadata(),
-        "nodes": nodes,
-        "edges": edges,
-    }
 
 
 def _shape_text(shape: Any) -> str:
@@ -431,19 +374,26 @@ the per-sample input shape without the batch axis (or pass --input-shape).
 
 \b
 Formats (default: from the --output extension, else dgl):
-  dgl      the graph and its layer metadata in one DGL file (.bin); read it back with
-           mpbackprop.load(path) or `mpbackprop inspect`.
+  dgl      the graph and its layer metadata in one DGL file (.bin).
   graphml  networkx.write_graphml of CompiledNetwork.to_networkx(): nodes n<i> (neuron) and
            p<i> (param) with their scalar features (neuron coord split into coord_c/_h/_w),
            edges with etype/eid (and coef on fixed edges); reverse edge types left out;
-           graph attributes format, model, input_shape, output_layer, metadata (JSON).
-  json     one JSON object:
-             format: "mpbackprop-json", version: 1, model: the MODEL path,
+           graph attributes format, model, dtype, input_shape, output_layer, metadata (JSON).
+  json     one strict JSON object (non-finite numbers as null):
+             format: "mpbackprop-json", version: 1, model: the MODEL path, dtype: of the values,
              summary: CompiledNetwork.summary() (num_nodes, num_edges, layers, ...),
              network: CompiledNetwork.metadata() (input_shape, output_layer, full layer records),
              nodes: {"neuron"|"param": {"count": N, "data": {feature: [per-node values]}}},
              edges: {"src:etype:dst": {"src": [ids], "dst": [ids], "data": {"coef": [...]}}}
                     for every canonical edge type, edge k at position k.
+All three read back with mpbackprop.load(path) and `mpbackprop inspect`.
+
+Parameters with requires_grad=False are compiled as frozen (param feature `frozen`; training
+leaves them unchanged). Compiling refuses operations whose gradient the graph would not
+reproduce (in-place changes of tensors read again, no_grad blocks, detach, custom autograd
+Functions), networks whose output per sample is not a vector, graphs estimated to need more
+than MPBACKPROP_MAX_GRAPH_GB gigabytes (default 2), and any network whose compiled forward
+pass differs from the module's on a random input.
 """
 
 
@@ -461,9 +411,8 @@ Formats (default: from the --output extension, else dgl):
 @report_errors
 def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, ...] | None, attr: str | None,
                 format_: str | None) -> None:
-    import networkx as nx
-
     import mpbackprop
+    from .exports import write_graphml, write_json
     from .modelfile import load_model
 
     out, fmt = output, format_
@@ -485,15 +434,9 @@ def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, .
     if fmt == "dgl":
         net.save(out)
     elif fmt == "graphml":
-        G = networkx_for_export(net, str(model_path))
-        atomic_write(out, lambda tmp: nx.write_graphml(G, tmp))
+        write_graphml(net, out, str(model_path))
     else:
-        doc = json_document(net, str(model_path))
-
-        def _dump(tmp: str) -> None:
-            with open(tmp, "w") as fh:
-                json.dump(doc, fh)
-        atomic_write(out, _dump)
+        write_json(net, out, str(model_path))
 
     total, n_types, uses, bias, fixed = _edge_breakdown(summary)
     kinds = Counter(layer.kind for layer in net.layers[1:])
@@ -501,7 +444,7 @@ def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, .
     click.echo(f"model: {model_path} ({type(model).__name__}), input {_shape_text(net.input_shape)} "
                f"-> output {_shape_text(net.output_shape)}")
     click.echo(f"neurons: {net.num_neurons}")
-    click.echo(f"params: {net.num_params}")
+    click.echo(f"params: {net.num_params}" + (f" ({net.num_frozen} frozen)" if net.num_frozen else ""))
     click.echo(f"edges: {total} in {n_types} edge types ({uses} weight uses, {bias} bias, {fixed} fixed; "
                "each with its reverse type)")
     click.echo(f"layers: {len(net.layers) - 1} ({kind_text})")
@@ -556,39 +499,51 @@ def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
     out += ["  " + ln for ln in format_table(["canonical edge type", "count"], edge_rows, right={1})]
     out.append("")
     out.append("layers:")
-    headers = ["index", "name", "kind", "shape", "neurons", "params", "activation", "inputs", "uses"]
+    frozen = any(d.get("frozen", 0) for d in layers)  # a column only when something is frozen
+    headers = ["index", "name", "kind", "shape", "neurons", "params", *(["frozen"] if frozen else []),
+               "activation", "inputs", "uses"]
     rows = [[d["index"], d["name"], d["kind"], _shape_text(d["shape"]), d["neurons"], d["params"],
-             d["activation"], ",".join(map(str, d["inputs"])) or "-", d["uses"]] for d in layers]
+             *([d.get("frozen", 0)] if frozen else []), d["activation"], ",".join(map(str, d["inputs"])) or "-",
+             d["uses"]] for d in layers]
     rows.append(["", "total", "", "", sum(d["neurons"] for d in layers), sum(d["params"] for d in layers),
-                 "", "", sum(d["uses"] for d in layers)])
-    out += ["  " + ln for ln in format_table(headers, rows, right={0, 4, 5, 8})]
+                 *([sum(d.get("frozen", 0) for d in layers)] if frozen else []), "", "",
+                 sum(d["uses"] for d in layers)])
+    right = {0, 4, 5, 6, 9} if frozen else {0, 4, 5, 8}
+    out += ["  " + ln for ln in format_table(headers, rows, right=right)]
+    if frozen:
+        out.append("")
+        out.append(f"frozen: {summary.get('frozen_params', 0)} params (requires_grad=False; training leaves "
+                   "them unchanged)")
     return out
 
 
 @main.command("inspect", short_help="Describe a compiled graph file.")
 @click.argument("file", type=_EXISTING_FILE)
 @click.option("--json", "as_json", envvar="MPBACKPROP_INSPECT_JSON", is_flag=True, default=False,
-              help="Print CompiledNetwork.summary() as JSON (num_nodes, num_edges, layers, ...).")
+              help="Print CompiledNetwork.summary() as strict JSON (num_nodes, num_edges, frozen_params, "
+                   "layers, ...).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.png",
               help="Also draw the network (neurons in columns by layer, weights as coloured edges).")
 @click.option("--max-nodes", type=click.IntRange(min=1), default=400,
               help="Refuse to --plot networks with more neurons than this.")
 @report_errors
 def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) -> None:
-    """Describe a compiled graph FILE (.bin written by `mpbackprop compile`).
+    """Describe a compiled graph FILE written by `mpbackprop compile` (--format dgl, json or graphml;
+    the format is read from the file's content).
 
-    Prints node counts per type, edge counts per canonical edge type and the layer table.
+    Prints node counts per type, edge counts per canonical edge type and the layer table (with
+    the number of frozen parameters per layer when there are any).
     """
-    import mpbackprop
+    from .exports import load_any
 
-    net = mpbackprop.load(file)
+    net = load_any(file)
     if plot is not None:
         from .plotting import check_plot_size
 
         check_plot_size(net, max_nodes)
     summary = net.summary()
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(dumps(summary, indent=2))
     else:
         for line in inspect_lines(summary, str(file)):
             click.echo(line)
@@ -614,7 +569,8 @@ def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) ->
 @click.option("--loss", type=click.Choice(["auto", "cross_entropy", "mse"]), default="auto",
               help="auto: cross-entropy for several outputs, MSE for one.")
 @click.option("--json", "as_json", is_flag=True, default=False,
-              help='Print {"ok", "max_abs_err", "max_rel_err", "layers": [...], ...}.')
+              help='Print strict JSON {"ok", "max_abs_err", "max_rel_err", "frozen_params", "layers": [...], ...} '
+                   "(what the model file prints goes to stderr).")
 @click.pass_context
 @report_errors
 def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...] | None, attr: str | None,
@@ -622,6 +578,7 @@ def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...
     """Compile MODEL, run the engine's backward pass and the reference on one random batch,
     and compare the per-parameter signals layer by layer.
 
+    Frozen parameters (requires_grad=False) are compared too and counted per layer.
     Exit status 0 when every layer is within tolerance, 1 when not, 2 on bad input.
     """
     import torch
@@ -635,13 +592,15 @@ def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...
         report = verify(model, shape, batch=batch, rule=rule, dtype=getattr(torch, dtype), seed=seed,
                         loss=None if loss == "auto" else loss)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(dumps(report.to_json(), indent=2))
     else:
         click.echo(f"{model_path}: rule {rule}, {dtype}, batch {batch}, loss {report.loss}")
-        rows = [[r["layer"], r["name"], r["kind"], r["params"], f"{r['max_abs_err']:.3e}", f"{r['max_rel_err']:.3e}",
-                 "ok" if r["ok"] else "FAIL"] for r in report.layers]
-        for line in format_table(["layer", "name", "kind", "params", "max abs err", "max rel err", ""], rows,
-                                 right={0, 3, 4, 5}):
+        frozen = report.frozen_params > 0
+        rows = [[r["layer"], r["name"], r["kind"], r["params"], *([r["frozen"]] if frozen else []),
+                 f"{r['max_abs_err']:.3e}", f"{r['max_rel_err']:.3e}", "ok" if r["ok"] else "FAIL"]
+                for r in report.layers]
+        headers = ["layer", "name", "kind", "params", *(["frozen"] if frozen else []), "max abs err", "max rel err", ""]
+        for line in format_table(headers, rows, right={0, 3, 4, 5, 6} if frozen else {0, 3, 4, 5}):
             click.echo("  " + line)
         verdict = "OK" if report.ok else "FAILED"
         click.echo(f"{verdict}: max abs error {report.max_abs_err:.3e}, max relative error {report.max_rel_err:.3e}")

@@ -24,7 +24,7 @@ import math
 import operator
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import Activation
-from .errors import ShapeError, UnsupportedOpError
+from .budget import GraphTooLargeError, check_budget, estimate
+from .errors import MPBackpropError, ShapeError, UnsupportedOpError
 from .layers import Layer, ParamTensor
+from .tracecheck import MutationWatch, check_autograd_semantics, grad_mode_meta
 
-__all__ = ["LayerEdges", "Trace", "trace_module", "SUPPORTED"]
+__all__ = ["LayerEdges", "Trace", "check_input_shape", "trace_module", "SUPPORTED"]
 
 SUPPORTED = (
     "Linear, Conv2d (groups=1, zero padding), AvgPool2d, ReLU, LeakyReLU, ELU, GELU, SiLU, Tanh, "
@@ -72,6 +74,8 @@ class Trace:
     input_shape: tuple[int, ...]
     output_layer: int
     output_shape: tuple[int, ...] | None = None  # the view the module returns (flatten/view of the block)
+    graph_module: torch.fx.GraphModule | None = None  # the trace itself (for checks against the module)
+    block_nodes: list[str] = field(default_factory=list)  # per block: the traced node holding its values a
 
 
 @dataclass
@@ -132,14 +136,62 @@ _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
 _SUB_FUNCS = (operator.sub, operator.isub, torch.sub)
 _MUL_FUNCS = (operator.mul, operator.imul, torch.mul)
 _DIV_FUNCS = (operator.truediv, operator.itruediv, torch.div)
+_ARITH_METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+                  "add_": operator.add, "sub_": operator.sub, "mul_": operator.mul, "div_": operator.truediv}
+
+
+_INPLACE_OPERATORS = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+    "__ipow__": operator.ipow, "__imatmul__": operator.imatmul, "__iand__": operator.iand,
+    "__ior__": operator.ior, "__ixor__": operator.ixor, "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+}
+
+
+_AUGMENTED_SYMBOLS = {
+    operator.iadd: "+=", operator.isub: "-=", operator.imul: "*=", operator.itruediv: "/=",
+    operator.ifloordiv: "//=", operator.imod: "%=", operator.ipow: "**=", operator.imatmul: "@=",
+    operator.iand: "&=", operator.ior: "|=", operator.ixor: "^=", operator.ilshift: "<<=", operator.irshift: ">>=",
+}
+
+
+class _Proxy(torch.fx.Proxy):
+    """A proxy that records augmented assignment as the in-place operator it is on tensors.
+
+    ``torch.fx.Proxy`` has no ``__iadd__``, so ``h += g`` would be traced as ``h = h + g``; on a
+    tensor it changes ``h`` in place, and whoever still holds the old ``h`` (``skip = h`` before
+    it) sees the change. Recording ``operator.iadd`` lets the shape pass replay the mutation and
+    :class:`~mpbackprop.tracecheck.MutationWatch` refuse reads of the changed tensor.
+    """
+
+
+def _inplace_method(op: Callable[[Any, Any], Any]) -> Callable[[_Proxy, Any], Any]:
+    def _traced_inplace_operator(self: _Proxy, other: Any) -> Any:  # name known to _user_frame
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return _traced_inplace_operator
+
+
+for _name, _op in _INPLACE_OPERATORS.items():
+    setattr(_Proxy, _name, _inplace_method(_op))
 
 
 class _Tracer(torch.fx.Tracer):
-    """``torch.fx`` tracer that records source lines for error messages."""
+    """``torch.fx`` tracer that records source lines for error messages, augmented assignment as
+    in-place operators, and per node the grad mode and enclosing ``autograd.Function`` it was
+    created under (:func:`~mpbackprop.tracecheck.grad_mode_meta`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta.update(grad_mode_meta())
+        return node
 
 
 #: Frames under these directories are library code, never the user's (compared by real path,
@@ -166,6 +218,8 @@ def _user_frame(tb_text: str) -> str:
             lineno = line.split('", line ')[1].split(",")[0]
         except IndexError:  # pragma: no cover - unusual traceback text
             continue
+        if line.endswith(" in _traced_inplace_operator"):
+            continue  # the tracer's own `h += g` hook, called from the model's line
         real = os.path.realpath(path)
         if real.startswith(_PACKAGE_DIR):
             where = ""  # everything so far was the compiler's caller
@@ -188,6 +242,8 @@ def _describe(node: torch.fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return type(root.get_submodule(str(node.target))).__name__
     if node.op == "call_function":
+        if node.target in _AUGMENTED_SYMBOLS:
+            return f"'{_AUGMENTED_SYMBOLS[node.target]}'"
         return getattr(node.target, "__name__", str(node.target))
     if node.op == "call_method":
         return f"Tensor.{node.target}"
@@ -200,7 +256,10 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` with :mod:`torch.fx`, turning tracing failures into one clear line."""
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        with torch.enable_grad():  # node grad modes then show the model's own switches only
+            graph = tracer.trace(model)
+    except MPBackpropError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         where = _user_frame(traceback.format_exc())
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -217,19 +276,26 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
-    """Runs the traced module once, storing each node's output in ``node.meta['value']``."""
+    """Runs the traced module once, storing each node's output in ``node.meta['value']``.
 
-    def __init__(self, module: torch.fx.GraphModule) -> None:
+    A :class:`~mpbackprop.tracecheck.MutationWatch` runs alongside and refuses reads of tensors
+    that an in-place operation changed after they were computed.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule, describe: Callable[[torch.fx.Node], str]) -> None:
         super().__init__(module)
         self.extra_traceback = False  # keep our one-line ShapeError message as it is
+        self.watch = MutationWatch(describe)
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        self.watch.before(n)
         try:
             result = super().run_node(n)
         except Exception as exc:  # noqa: BLE001
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ShapeError(f"{_where(n, self.module)}: {msg}") from exc
         n.meta["value"] = result
+        self.watch.after(n, result)
         return result
 
 
@@ -245,6 +311,7 @@ class _Builder:
         self.num_params = 0
         self.env: dict[torch.fx.Node, Any] = {}
         self.seen_params: dict[int, str] = {}  # id(parameter) -> module path that used it
+        self.block_nodes: list[str] = []  # per block: the traced node whose value is the block's a
 
     def path(self, target: str) -> str:
         """Module path in the user's model (undoing the wrapper of a bare layer)."""
@@ -305,13 +372,19 @@ class _Builder:
                     raise self._refuse(
                         node, f"its {role} is already used by '{self.seen_params[id(p)]}': a module called more "
                         "than once or tied weights would need one param node per use")
+                if module._parameters.get(role) is not p:
+                    raise self._refuse(
+                        node, f"its {role} is computed from other tensors (weight_norm, a parametrization, ...), "
+                        "not an nn.Parameter of its own; remove the reparametrization")
                 self.seen_params[id(p)] = str(node.target)
-                pt = ParamTensor(self.path(str(node.target)), role, tuple(p.shape), self.num_params, role)
+                pt = ParamTensor(self.path(str(node.target)), role, tuple(p.shape), self.num_params, role,
+                                 frozen=not p.requires_grad)
                 self.num_params += pt.numel
                 self.values.append(p.detach().reshape(-1))
                 setattr(layer, role, pt)
         self.layers.append(layer)
         self.edges.append(edges)
+        self.block_nodes.append(node.name)
         self.num_neurons += size
         return _Ref(index, shape, fresh=kind != "input")
 
@@ -424,6 +497,7 @@ class _Builder:
         layer = self.layers[ref.block]
         if ref.fresh and layer.activation.is_identity and len(src_node.users) == 1:
             layer.activation = act
+            self.block_nodes[ref.block] = node.name
             return _Ref(ref.block, ref.shape, fresh=False)
         # values already activated, or also used raw: a block of its own, joined by identity edges
         out = self._fixed(node, "act", [(ref, 1.0)], {})
@@ -483,8 +557,14 @@ class _Builder:
         assert output_ref is not None
         if output_ref.block == 0:
             raise UnsupportedOpError("the network has no layer: its output is its input")
-        values = torch.cat(self.values) if self.values else torch.zeros(0)
-        return Trace(self.layers, self.edges, values, self.layers[0].shape, output_ref.block, output_ref.shape)
+        if self.num_params == 0:
+            raise UnsupportedOpError(
+                f"{type(self.root[0] if self.wrapped else self.root).__name__} has no parameters to train "
+                "(no Linear or Conv2d layer in its forward); mpbackprop compiles networks with at least one"
+            )
+        values = torch.cat(self.values)
+        return Trace(self.layers, self.edges, values, self.layers[0].shape, output_ref.block, output_ref.shape,
+                     self.gm, self.block_nodes)
 
     def _visit(self, node: torch.fx.Node) -> Any:
         if node.op == "get_attr":
@@ -535,9 +615,8 @@ class _Builder:
                 return self._reshape(node)
             if m in ("size", "dim"):
                 return node.meta.get("value")
-            if m in ("add", "sub", "mul", "div", "add_", "mul_"):
-                node_t = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-                          "add_": operator.add, "mul_": operator.mul}[m]
+            if m in _ARITH_METHODS:  # in-place forms are safe here: the shape pass refused stale reads
+                node_t = _ARITH_METHODS[m]
                 fake = _FakeNode(node, node_t)
                 return self._arith(fake)  # type: ignore[arg-type]
             raise self._refuse(node)
@@ -581,26 +660,104 @@ def _check_single_input(gm: torch.fx.GraphModule, root: nn.Module) -> None:
 _LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.AvgPool2d)
 
 
+def check_input_shape(shape: Any) -> tuple[int, ...]:
+    """``shape`` as a per-sample input shape: a sequence (tuple, list, ``torch.Size``) of positive ints.
+
+    Raises
+    ------
+    ShapeError
+        ``shape`` is a mapping, a set, a string or anything else that is not such a sequence.
+    """
+    example = "a tuple of positive ints per sample, without the batch axis, e.g. (1, 8, 8)"
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise ShapeError(f"input shape {_short_repr(shape)} is a {type(shape).__name__}, not a shape: give {example}")
+    out = []
+    for s in shape:
+        if isinstance(s, bool) or not hasattr(s, "__index__"):
+            raise ShapeError(f"input shape {_short_repr(shape)} is not a shape: give {example}")
+        out.append(int(s.__index__()))
+    if not out:
+        raise ShapeError(f"input shape () is empty: give {example}")
+    if any(s <= 0 for s in out):
+        raise ShapeError(f"input shape {tuple(out)} has a non-positive dimension")
+    return tuple(out)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _output_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:
+    """Per-sample shape of the tensor ``gm`` returns (from the shape pass), or None."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out_node.args[0].meta.get("value") if isinstance(out_node.args[0], torch.fx.Node) else None
+    return tuple(value.shape[1:]) if isinstance(value, Tensor) and value.dim() >= 1 else None
+
+
+def _has_spatial_ops(gm: torch.fx.GraphModule, root: nn.Module) -> bool:
+    """Whether any operation reads the leading per-sample axis as channels (Conv2d, pooling)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), (nn.Conv2d, nn.AvgPool2d)):
+            return True
+        if node.op == "call_function" and node.target is F.avg_pool2d:
+            return True
+    return False
+
+
+def _check_output_shape(gm: torch.fx.GraphModule, root: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Refuse a network whose output per sample has more than one axis.
+
+    Losses take one vector of class scores (or regression targets) per sample. An output with
+    more axes is most often an input shape that includes the batch axis: a ``Linear`` maps any
+    leading axes through unchanged, so ``(32, 64)`` into a 64-10 MLP gives ``(32, 10)`` per sample.
+    """
+    out = _output_shape(gm)
+    if out is None or len(out) <= 1:
+        return
+    rule = ("the input shape (INPUT_SHAPE) is per sample, without the batch axis, and the network must return "
+            "one vector of class scores or targets per sample")
+    if len(input_shape) > 1 and out[0] == input_shape[0] and not _has_spatial_ops(gm, root):
+        raise ShapeError(
+            f"the network's output for one sample has shape {out}, not a vector: the leading axis of the input "
+            f"shape {input_shape} reaches the output unchanged, as a batch axis would; {rule}: use "
+            f"{input_shape[1:]} if {input_shape[0]} is the batch size, or end the network with nn.Flatten()"
+        )
+    raise ShapeError(f"the network's output for one sample has shape {out}, not a vector: {rule} "
+                     "(end the network with nn.Flatten() or a Linear layer)")
+
+
 def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     """Trace ``model`` on inputs of per-sample shape ``input_shape`` into blocks and edges.
+
+    Before any edge is built the traced graph is checked: operations whose gradient the graph
+    would not reproduce (:mod:`mpbackprop.tracecheck`) are refused, the output must be a vector
+    per sample, and the graph's estimated memory must fit the limit (:mod:`mpbackprop.budget`).
 
     Raises
     ------
     UnsupportedOpError
         An operation the graph cannot express, naming it and where it is.
     ShapeError
-        ``input_shape`` does not fit the network.
+        ``input_shape`` is not a per-sample shape or does not fit the network.
+    GraphTooLargeError
+        The graph would take more memory than ``MPBACKPROP_MAX_GRAPH_GB``.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedOpError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if any(int(s) <= 0 for s in input_shape):
-        raise ShapeError(f"input shape {tuple(input_shape)} has a non-positive dimension")
+    input_shape = check_input_shape(input_shape)
     wrapped = isinstance(model, _LEAF_TYPES) or type(model) in _MODULE_ACTS
     if wrapped:  # torch.fx cannot trace a leaf module as the root: trace nn.Sequential(model)
         model = nn.Sequential(model)
+    inference_mode = torch.is_inference_mode_enabled()
     gm = symbolic_trace(model)
     _check_single_input(gm, model)
     builder = _Builder(gm, model, wrapped)
+
+    def describe(node: torch.fx.Node) -> str:
+        return f"{_describe(node, model)} in {_where(node, model)}"
+
+    check_autograd_semantics(gm, model, describe, builder.path, inference_mode)
     # refuse unsupported operations before running anything
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -614,5 +771,12 @@ def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     dtype = param.dtype if param is not None else torch.float32
     example = torch.zeros((2, *input_shape), dtype=dtype)
     with torch.no_grad():
-        _ShapeRecorder(gm).run(example)
-    return builder.run()
+        _ShapeRecorder(gm, describe).run(example)
+    try:
+        check_budget(estimate(gm, model), type(model[0] if wrapped else model).__name__)
+    except GraphTooLargeError:
+        _check_output_shape(gm, model, input_shape)  # a batch axis in the input shape is the likelier mistake
+        raise
+    trace = builder.run()
+    _check_output_shape(gm, model, input_shape)
+    return trace

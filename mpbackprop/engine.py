@@ -14,7 +14,9 @@ One training step with a backward rule ``R`` and an update rule ``U``:
 4. per-parameter signal ``G_p = mean_batch Σ_{uses k of p} a_i·b_j`` (DGL ``u_dot_v`` on
    the uses, ``copy_e_sum`` onto the weights through the ``in_L`` edges); biases
    ``mean_batch Σ b_j``. For the exact rule ``G[:, 0] = ∂L/∂θ``;
-5. update: ``θ, state ← U(θ, G, state, step)``.
+5. update: ``θ, state ← U(θ, G, state, step)``; frozen parameters (``requires_grad=False``
+   when compiled, :attr:`~mpbackprop.network.CompiledNetwork.frozen_mask`) keep their values
+   and their update state bit for bit, whatever the rules.
 
 With ``fused=True`` (the default) steps 3–4 of ``Linear`` blocks, and of ``Conv2d`` /
 ``AvgPool2d`` blocks when the state has one channel and the coefficient is one scalar per
@@ -379,6 +381,9 @@ def train_step(
         uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
                              len(net.tensors), net.tensor_sizes, total_steps, tensor_fan_in(net))
         new_theta, new_state = update.step(uctx)
+        frozen = net.frozen_mask
+        if frozen is not None:
+            new_theta, new_state = _keep_frozen(frozen, theta, new_theta, opt_state, new_state)
     if trace:
         write_trace(net, record, result, (theta - new_theta).detach())
     return StepResult(value, new_theta, new_state, result.signal)
@@ -387,6 +392,22 @@ def train_step(
 def tensor_fan_in(net: CompiledNetwork) -> tuple[int, ...]:
     """Fan-in of each parameter tensor's weights (``prod(shape[1:])``), ``0`` for biases."""
     return tuple(math.prod(p.shape[1:]) if p.role == "weight" and len(p.shape) > 1 else 0 for p in net.tensors)
+
+
+def _keep_frozen(frozen: Tensor, theta: Tensor, new_theta: Tensor, state: dict[str, Tensor],
+                 new_state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Frozen entries of the parameters, and of every state tensor laid out per parameter (last
+    axis ``P``), as they were before the update — as ``torch.optim`` leaves a parameter without
+    gradient alone."""
+    kept = torch.where(frozen, theta, new_theta)
+    p = frozen.numel()
+    out = {}
+    for key, value in new_state.items():
+        old = state.get(key)
+        if old is not None and value.dim() >= 1 and value.shape[-1] == p and old.shape == value.shape:
+            value = torch.where(frozen, old, value)
+        out[key] = value
+    return kept, out
 
 
 def write_trace(net: CompiledNetwork, record: ForwardRecord, result: BackwardResult, delta: Tensor) -> None:

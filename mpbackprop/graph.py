@@ -20,7 +20,8 @@ Static features: ``neuron`` — ``layer``, ``pos`` (row-major index in the block
 ``kind`` (layer kind id), ``fan_in``, ``fan_out`` (number of incoming/outgoing edges);
 ``param`` — ``value``, ``layer``, ``role`` (0 weight, 1 bias), ``index`` (flat index in
 its tensor), ``tensor`` (index in the network's tensor table), ``uses``, ``fan_in``,
-``fan_out`` (of the weight tensor, as ``torch.nn.init`` computes them).
+``fan_out`` (of the weight tensor, as ``torch.nn.init`` computes them), ``frozen`` (1 for
+parameters of tensors with ``requires_grad=False``: training leaves them unchanged).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ._quiet import dgl
 from .compiler import Trace
 from .layers import KINDS, Layer, ParamTensor
 
-__all__ = ["build_heterograph", "tensor_table", "NEURON", "PARAM"]
+__all__ = ["build_heterograph", "frozen_feature", "tensor_table", "NEURON", "PARAM"]
 
 NEURON = "neuron"
 PARAM = "param"
@@ -43,6 +44,14 @@ PARAM = "param"
 def tensor_table(layers: list[Layer]) -> list[ParamTensor]:
     """All parameter tensors in param-node order."""
     return [p for layer in layers for p in layer.params]
+
+
+def frozen_feature(layers: list[Layer]) -> Tensor:
+    """``(P,)`` int64: 1 on parameters of frozen tensors, 0 elsewhere (``param`` feature ``frozen``)."""
+    tensors = tensor_table(layers)
+    if not tensors:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([torch.full((p.numel,), int(p.frozen), dtype=torch.int64) for p in tensors])
 
 
 def _input_ids(layers: list[Layer], layer: Layer) -> Tensor:
@@ -134,6 +143,7 @@ def build_heterograph(trace: Trace) -> dgl.DGLGraph:
         pd["index"] = torch.cat([torch.arange(p.numel) for p in tensors])
         pd["tensor"] = torch.cat([torch.full((p.numel,), k, dtype=torch.int64) for k, p in enumerate(tensors)])
         pd["uses"] = uses
+        pd["frozen"] = frozen_feature(layers)
         fans = []
         for l in layers:
             if l.weight is None:

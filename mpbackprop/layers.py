@@ -31,6 +31,7 @@ class ParamTensor:
     """One parameter tensor of the module, laid out as consecutive ``param`` nodes.
 
     Parameter node ``offset + k`` is element ``k`` of ``module.get_parameter(path).flatten()``.
+    ``frozen`` tensors (``requires_grad=False`` in the module) are never changed by training.
     """
 
     module: str
@@ -38,6 +39,7 @@ class ParamTensor:
     shape: tuple[int, ...]
     offset: int
     role: str  # "weight" or "bias"
+    frozen: bool = False
 
     @property
     def path(self) -> str:
@@ -58,7 +60,7 @@ class ParamTensor:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ParamTensor":
-        return cls(d["module"], d["name"], tuple(d["shape"]), int(d["offset"]), d["role"])
+        return cls(d["module"], d["name"], tuple(d["shape"]), int(d["offset"]), d["role"], bool(d.get("frozen", False)))
 
 
 @dataclass

@@ -17,17 +17,23 @@ sibling helper files. No bytecode is written next to it. The module stays regist
 ``sys.modules`` under its unique name after a successful load, as after an import, so that
 classes defined in the file can be pickled and their source found; a failed load removes it.
 
+Whatever the file prints while it runs (and while ``build_model()`` runs) goes to stderr, not
+stdout, so that commands whose stdout is data (``verify --json``) stay parseable; the CLI keeps
+:func:`model_output_to_stderr` on while the model's ``forward`` runs too.
+
 Every failure raises :class:`~mpbackprop.errors.ModelFileError` with one line that names
 the file (and line, where there is one) and says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import sys
 import traceback
 import types
+from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +41,18 @@ import torch.nn as nn
 
 from .errors import ModelFileError
 
-__all__ = ["load_model", "parse_shape", "run_model_file"]
+__all__ = ["load_model", "model_output_to_stderr", "parse_shape", "run_model_file"]
 
 _DEFAULT_NAMES = ("model", "build_model")
 _counter = itertools.count()
 _SHAPE_EXAMPLE = "e.g. INPUT_SHAPE = (1, 8, 8)"
+
+
+@contextlib.contextmanager
+def model_output_to_stderr() -> Iterator[None]:
+    """Send ``print`` output (``sys.stdout``) to ``sys.stderr`` while user model code runs."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _first_line(exc: BaseException) -> str:
@@ -99,6 +112,8 @@ def _as_shape(value: Any) -> tuple[int, ...] | None:
             return None
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
+    if isinstance(value, (Mapping, Set)):  # iterating one gives keys / an arbitrary order, not a shape
+        return None
     try:
         items = list(value)
     except TypeError:
@@ -158,7 +173,8 @@ def run_model_file(path: str | Path) -> types.ModuleType:
     folder = str(path.parent)
     sys.path.insert(0, folder)
     try:
-        exec(code, module.__dict__)  # noqa: S102 - running the user's model file is the point
+        with model_output_to_stderr():
+            exec(code, module.__dict__)  # noqa: S102 - running the user's model file is the point
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise ModelFileError(
@@ -213,7 +229,8 @@ def _resolve(module: types.ModuleType, path: Path, display: str, attr: str | Non
         )
     code = getattr(obj, "__code__", None)
     try:
-        built = obj()
+        with model_output_to_stderr():
+            built = obj()
     except (Exception, SystemExit) as exc:
         where = _where(path, display, exc, fallback=getattr(code, "co_firstlineno", None))
         raise ModelFileError(f"{where}: {key}() raised {_first_line(exc)}") from exc
@@ -269,8 +286,9 @@ def load_model(
     if shape is None:
         text = repr(value)
         text = text if len(text) <= 60 else text[:57] + "..."
+        kind = f"is a {type(value).__name__}, " if isinstance(value, (Mapping, Set)) else ""
         raise ModelFileError(
-            f"{display}: INPUT_SHAPE = {text} is not a shape: use a tuple of positive ints without the "
-            f"batch axis, {_SHAPE_EXAMPLE}"
+            f"{display}: INPUT_SHAPE = {text} {kind}is not a shape: use a tuple of positive ints per sample, "
+            f"without the batch axis, {_SHAPE_EXAMPLE}"
         )
     return model, shape

@@ -27,10 +27,11 @@ from torch import Tensor
 
 from ._io import atomic_write
 from ._quiet import dgl, ops
-from .compiler import trace_module
+from .compiler import check_input_shape, trace_module
 from .errors import GraphFileError, ShapeError
-from .graph import NEURON, PARAM, build_heterograph, tensor_table
+from .graph import NEURON, PARAM, build_heterograph, frozen_feature, tensor_table
 from .layers import Layer, ParamTensor
+from .selfcheck import check_forward
 from .views import LayerView, build_views
 
 __all__ = ["CompiledNetwork", "ForwardRecord", "compile", "load"]
@@ -111,6 +112,7 @@ class CompiledNetwork:
         self.output_layer = output_layer
         self._output_shape = tuple(output_shape) if output_shape is not None else None
         self._views: list[LayerView | None] | None = None
+        self._frozen_mask: Tensor | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -155,6 +157,34 @@ class CompiledNetwork:
         if self._views is None:
             self._views = build_views(self.graph, self.layers)
         return self._views
+
+    @property
+    def num_frozen(self) -> int:
+        """Number of frozen parameters (of tensors with ``requires_grad=False`` when compiled)."""
+        return sum(p.numel for p in self.tensors if p.frozen)
+
+    @property
+    def frozen_mask(self) -> Tensor | None:
+        """``(P,)`` bool, True on frozen parameters; ``None`` when nothing is frozen (the usual case)."""
+        if self._frozen_mask is None and self.num_frozen:
+            mask = torch.zeros(self.num_params, dtype=torch.bool)
+            for p in self.tensors:
+                if p.frozen:
+                    mask[p.offset:p.stop] = True
+            self._frozen_mask = mask
+        return self._frozen_mask
+
+    def set_frozen(self, frozen: dict[str, bool]) -> None:
+        """Freeze or unfreeze parameter tensors by path (``{"fc1.weight": True}``); updates the
+        ``param`` feature ``frozen`` and :attr:`frozen_mask`."""
+        by_path = {p.path: p for p in self.tensors}
+        for path, flag in frozen.items():
+            if path not in by_path:
+                raise KeyError(f"no parameter tensor {path!r} in this network")
+            by_path[path].frozen = bool(flag)
+        self._frozen_mask = None
+        if self.num_params:
+            self.graph.nodes[PARAM].data["frozen"] = frozen_feature(self.layers)
 
     def tensor_view(self, theta: Tensor, p: ParamTensor) -> Tensor:
         """The slice of ``theta`` holding parameter tensor ``p``, in its shape."""
@@ -359,6 +389,7 @@ class CompiledNetwork:
                 "shape": list(layer.shape),
                 "neurons": layer.size,
                 "params": layer.num_params,
+                "frozen": sum(p.numel for p in layer.params if p.frozen),
                 "activation": str(layer.activation),
                 "inputs": list(layer.inputs),
                 "uses": int(g.num_edges(f"in_{layer.index}")) if layer.weighted else 0,
@@ -367,6 +398,7 @@ class CompiledNetwork:
             })
         return {
             "num_nodes": {NEURON: self.num_neurons, PARAM: self.num_params},
+            "frozen_params": self.num_frozen,
             "num_edges": {f"{s}:{e}:{d}": int(g.num_edges((s, e, d))) for (s, e, d) in g.canonical_etypes},
             "input_shape": list(self.input_shape),
             "output_layer": self.output_layer,
@@ -377,23 +409,41 @@ class CompiledNetwork:
 def compile(model: nn.Module, example_input: Tensor | tuple[int, ...]) -> CompiledNetwork:  # noqa: A001
     """Compile ``model`` into a :class:`CompiledNetwork`.
 
+    Operations whose gradient the graph would not reproduce are refused while tracing
+    (:mod:`mpbackprop.tracecheck`), a graph over the memory limit before it is built
+    (:mod:`mpbackprop.budget`), and the compiled forward pass is checked against the module on a
+    seeded random batch in float64 (:mod:`mpbackprop.selfcheck`; neither the global RNG nor the
+    module's parameters are touched). Parameters with ``requires_grad=False`` are compiled as
+    frozen (``param`` feature ``frozen``): training never changes them.
+
     Parameters
     ----------
     model : nn.Module
         Built from supported layers (see :data:`mpbackprop.compiler.SUPPORTED`).
     example_input : Tensor or tuple of int
-        An input batch ``(B, *shape)`` or the per-sample shape itself.
+        An input batch ``(B, *shape)`` or the per-sample shape itself (no batch axis).
+
+    Raises
+    ------
+    MPBackpropError
+        ``UnsupportedOpError``, ``ShapeError`` or ``GraphTooLargeError``, with one line that
+        names what is wrong and where.
     """
     if isinstance(example_input, Tensor):
         shape = tuple(example_input.shape[1:])
     else:
-        shape = tuple(int(s) for s in example_input)
+        shape = check_input_shape(example_input)
     trace = trace_module(model, shape)
     graph = build_heterograph(trace)
-    return CompiledNetwork(graph, trace.layers, trace.input_shape, trace.output_layer, trace.output_shape)
+    net = CompiledNetwork(graph, trace.layers, trace.input_shape, trace.output_layer, trace.output_shape)
+    check_forward(model, net, trace.graph_module, trace.block_nodes)
+    return net
 
 
 def load(path: str | os.PathLike) -> CompiledNetwork:
-    """Load a compiled network saved with :meth:`CompiledNetwork.save`."""
-    return CompiledNetwork.load(path)
+    """Load a compiled network saved with :meth:`CompiledNetwork.save` (``compile --format dgl``) or
+    exported with ``compile --format json|graphml`` (:mod:`mpbackprop.exports`)."""
+    from .exports import load_any  # exports builds on this module
+
+    return load_any(path)
 

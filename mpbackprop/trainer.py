@@ -6,7 +6,10 @@
 
 The module is compiled on the first step (from the batch's shape). Its parameters then
 become views into one flat parameter vector, so the engine's functional updates land in
-the module without copies and the module stays usable as it was.
+the module without copies and the module stays usable as it was. Parameters with
+``requires_grad=False`` are frozen, as a ``torch.optim`` optimizer skips them: every step
+leaves them (and their update state) unchanged, bit for bit, with every rule and update; the
+flag is read again at each step, so freezing or unfreezing between steps takes effect.
 """
 
 from __future__ import annotations
@@ -83,6 +86,17 @@ class Trainer:
         self.rule_state = self.rule.init_state(net)
         self.opt_state = self.update.init_state(theta)
 
+    def _sync_frozen(self) -> None:
+        """Mark the network's tensors frozen exactly where the module's ``requires_grad`` is False."""
+        assert self.net is not None
+        changed = {}
+        for p in self.net.tensors:
+            frozen = not self.model.get_parameter(p.path).requires_grad
+            if frozen != p.frozen:
+                changed[p.path] = frozen
+        if changed:
+            self.net.set_frozen(changed)
+
     def step(self, *args: Any, trace: bool = False) -> float:
         """``step(x, y)`` or ``step(loss_fn, x, y)``: one training step; returns the loss."""
         if len(args) == 3 and callable(args[0]):
@@ -95,6 +109,7 @@ class Trainer:
         if self.net is None:
             self._bind(x)
         assert self.net is not None and self.theta is not None
+        self._sync_frozen()
         result = train_step(self.net, self.theta, x, y, self.rule, self.update, self.rule_state, self.opt_state,
                             self.steps, loss=loss_fn, trace=trace, total_steps=self.total_steps)
         with torch.no_grad():

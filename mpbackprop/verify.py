@@ -4,6 +4,9 @@ For ``rule="exact"`` the reference is ``torch.autograd.grad`` of the module's lo
 ``rule="fa"`` it is autograd through the same network run with the *straight-through*
 feedback trick ``z = f(x.detach(); W) + f(x; B) − f(x; B).detach()`` — forward value with
 ``W``, error flowing back through ``B`` — an oracle independent of the message-passing engine.
+
+Frozen parameters (``requires_grad=False``) are checked too — the engine computes their signal
+like any other's, training only leaves them unchanged — and counted per layer (``frozen``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class VerifyReport:
     dtype: str
     batch: int
     loss: str
+    frozen_params: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,6 +72,8 @@ def verify(model: nn.Module, input_shape: tuple[int, ...], batch: int = 8, rule:
     torch.manual_seed(seed)
     model = copy.deepcopy(model).to(dtype)
     net = compile(model, tuple(input_shape))
+    for p in model.parameters():  # the copy's frozen parameters get a reference gradient as well
+        p.requires_grad_(True)
     x = torch.randn(batch, *input_shape, dtype=dtype)
     n_out = net.layers[net.output_layer].size
     if loss is None:
@@ -106,7 +112,8 @@ def verify(model: nn.Module, input_shape: tuple[int, ...], batch: int = 8, rule:
         good = abs_err <= tol_abs if dtype == torch.float64 else rel_err <= tol_rel
         ok &= good
         rows.append({"layer": layer.index, "name": layer.name, "kind": layer.kind, "params": layer.num_params,
+                     "frozen": sum(p.numel for p in layer.params if p.frozen),
                      "max_abs_err": abs_err, "max_rel_err": rel_err, "ok": good})
     return VerifyReport(ok, max((r["max_abs_err"] for r in rows), default=0.0),
                         max((r["max_rel_err"] for r in rows), default=0.0), rows, rule,
-                        str(dtype).replace("torch.", ""), batch, loss)
+                        str(dtype).replace("torch.", ""), batch, loss, net.num_frozen)

@@ -311,8 +311,8 @@ def test_inspect_refusals(runner: CliRunner, tmp_path: Path) -> None:
     junk = _write(tmp_path, "junk.bin", "not a graph")
     assert_refused(invoke(runner, "inspect", junk), "junk.bin", "not a graph file")
     assert_refused(invoke(runner, "inspect", tmp_path), "is a directory")
-    invoke(runner, "compile", EXAMPLES / "mlp_tanh.py", "-o", tmp_path / "g.json")
-    assert_refused(invoke(runner, "inspect", tmp_path / "g.json"), "g.json")
+    (tmp_path / "g.json").write_text('{"format": "something-else"}')  # mpbackprop's own exports are read
+    assert_refused(invoke(runner, "inspect", tmp_path / "g.json"), "g.json", "not a graph exported")
     assert_refused(invoke(runner, "inspect", junk, "--max-nodes", "0"), "--max-nodes")
 
 

@@ -289,12 +289,15 @@ class GlobalPoolHead(nn.Module):
 
 
 class ReshapedOutput(nn.Module):
+    """Ends in a reshape of a (2, 3) block to the vector the module returns."""
+
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(4, 6)
 
     def forward(self, x):
-        return torch.sigmoid(self.a(x)).reshape(x.shape[0], 2, 3)
+        h = torch.sigmoid(self.a(x)).reshape(x.shape[0], 2, 3)
+        return h.reshape(x.shape[0], 6)
 
 
 def _case_table() -> list[Case]:
@@ -365,13 +368,13 @@ def _case_table() -> list[Case]:
              acts={0: Activation(), 1: Activation("sigmoid")}, neurons=4 + 4 + 3),
         Case("linear-3d", Shared3D, (3, 5), ("input", "linear", "linear", "linear"),
              acts={1: Activation("silu")}, neurons=15 + 12 + 6 + 2),
-        Case("linear-3d-seq", lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)), (2, 3, 5),
-             ("input", "linear", "linear"), neurons=30 + 24 + 12),
+        Case("linear-3d-seq", lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten()),
+             (2, 3, 5), ("input", "linear", "linear"), neurons=30 + 24 + 12),
     ]
     cases += [
         Case("output-view", GlobalPoolHead, (2, 7, 9), ("input", "conv2d", "avgpool2d"), neurons=126 + 105 + 3),
         Case("output-reshape", ReshapedOutput, (4,), ("input", "linear"), acts={1: Activation("sigmoid")},
-             neurons=10),
+             neurons=4 + 6),
         Case("output-flatten-module", lambda: nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.ReLU(), nn.Flatten()),
              (1, 8, 8), ("input", "conv2d"), neurons=64 + 18),
     ]

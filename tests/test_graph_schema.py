@@ -2,7 +2,7 @@
 
 Over the model table of ``test_compiler.py``: the relation set, aligned use edges, use counts
 against an autograd oracle, reconstruction of every weighted layer's pre-activations from its
-uses alone, fan-in/fan-out features, and save/load.
+uses alone, fan-in/fan-out features, save/load, and loading the JSON and GraphML exports.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import torch
 import torch.nn as nn
 
 import mpbackprop
+from mpbackprop._json import loads_strict
 from mpbackprop._quiet import dgl
 from mpbackprop.errors import GraphFileError
+from mpbackprop.exports import write_graphml, write_json
 from test_compiler import CASE_IDS, CASES, DT, Case, build, close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -57,7 +59,8 @@ def test_static_feature_names_and_dtypes(case: Case) -> None:
     g = net.graph
     nd, pd = g.nodes["neuron"].data, g.nodes["param"].data
     assert set(nd) == {"layer", "pos", "coord", "act", "kind", "fan_in", "fan_out"}
-    assert set(pd) == {"value", "layer", "role", "index", "tensor", "uses", "fan_in", "fan_out"}
+    assert set(pd) == {"value", "layer", "role", "index", "tensor", "uses", "fan_in", "fan_out", "frozen"}
+    assert not pd["frozen"].any()  # every parameter of the table's models requires grad
     for k, v in nd.items():
         assert v.dtype == torch.int64 and v.shape[0] == net.num_neurons, k
     for k, v in pd.items():
@@ -255,6 +258,60 @@ def test_save_load_round_trip(case: Case, tmp_path) -> None:
     # saving again over the same file is fine
     loaded.save(path)
     _assert_same_network(net, mpbackprop.load(path))
+
+
+#: one case per kind of block and edge (the exports are generic over the schema; kept short for time)
+EXPORT_CASES = [c for c in CASES if c.id in {"mlp-no-bias", "conv-stride-pad", "pool-no-count-pad", "residual-mlp",
+                                              "difference", "scaling", "act-on-shared", "linear-3d", "output-view"}]
+
+
+@pytest.mark.parametrize("fmt", ["json", "graphml"])
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=[c.id for c in EXPORT_CASES])
+def test_exports_load_back_as_the_same_network(case: Case, fmt: str, tmp_path) -> None:
+    """``compile --format json|graphml`` files rebuild the network exactly (``mpbackprop.load``)."""
+    model, net, x = build(case)
+    path = tmp_path / f"net.{fmt}"
+    (write_json if fmt == "json" else write_graphml)(net, path, "model.py")
+    if fmt == "json":
+        loads_strict(path.read_text())
+    loaded = mpbackprop.load(path)
+    _assert_same_network(net, loaded)
+    with torch.no_grad():
+        close(loaded.forward_graph(x), model(x))
+
+
+def test_json_export_is_strict_and_keeps_non_finite_values(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[1, 2] = float("nan")
+    net = mpbackprop.compile(model, (3,))
+    path = write_json(net, tmp_path / "nan.json")
+    doc = loads_strict(path.read_text())
+    assert doc["dtype"] == "float32" and doc["nodes"]["param"]["data"]["value"].count(None) == 1
+    for loaded in (mpbackprop.load(path), mpbackprop.load(write_graphml(net, tmp_path / "nan.graphml"))):
+        assert loaded.dtype == torch.float32
+        assert torch.equal(loaded.values.isnan(), net.values.isnan())
+        assert torch.equal(loaded.values.nan_to_num(), net.values.nan_to_num())
+
+
+def test_foreign_or_damaged_exports_are_refused(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = mpbackprop.compile(nn.Sequential(nn.Linear(3, 2)), (3,))
+    text = write_json(net, tmp_path / "ok.json").read_text()
+    cases = {
+        "foreign.json": ('{"nodes": []}', "not a graph exported by `mpbackprop compile --format json`"),
+        "list.json": ("[1, 2]", "not a graph exported"),
+        "broken.json": (text[: len(text) // 2], "not valid JSON"),
+        "damaged.json": (text.replace('"layers"', '"layerz"'), "damaged or incomplete"),
+        "foreign.graphml": ('<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">'
+                            '<graph edgedefault="directed"/></graphml>', "not a graph exported"),
+        "broken.graphml": ("<graphml><graph", "not a GraphML file"),
+    }
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(GraphFileError, match=match):
+            mpbackprop.load(tmp_path / name)
 
 
 @pytest.fixture(scope="module")

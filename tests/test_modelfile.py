@@ -84,6 +84,9 @@ def test_failed_load_leaves_no_module(tmp_path: Path) -> None:
     ("import torch.nn as nn\nmodel = nn.Linear(1, 1)\nINPUT_SHAPE = (True,)\n", r"INPUT_SHAPE = \(True,\)"),
     ("import torch.nn as nn\nmodel = nn.Linear(1, 1)\nINPUT_SHAPE = 'abc'\n", r"INPUT_SHAPE = 'abc'"),
     ("\x00", r"cannot compile it|SyntaxError"),
+    ("import torch.nn as nn\nmodel = nn.Linear(1, 1)\nINPUT_SHAPE = {1: 8, 2: 8}\n",
+     r"INPUT_SHAPE = \{1: 8, 2: 8\} is a dict, is not a shape: use a tuple of positive ints per sample, without"),
+    ("import torch.nn as nn\nmodel = nn.Linear(1, 1)\nINPUT_SHAPE = {8}\n", r"INPUT_SHAPE = \{8\} is a set"),
 ])
 def test_errors_are_one_line(tmp_path: Path, text: str, match: str) -> None:
     path = write(tmp_path, "f.py", text)
@@ -101,3 +104,36 @@ def test_path_errors(tmp_path: Path) -> None:
         load_model(write(tmp_path, "m.txt", "model = 1"))
     with pytest.raises(ModelFileError, match="input shape 'x' for"):
         load_model(ROOT / "examples" / "mlp_relu.py", input_shape="x")  # type: ignore[arg-type]
+
+
+def test_what_a_model_file_prints_goes_to_stderr(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "chatty.py", "import torch.nn as nn\nprint('importing')\nINPUT_SHAPE = (3,)\n"
+                                        "def build_model():\n    print('building')\n"
+                                        "    return nn.Sequential(nn.Linear(3, 2))\n")
+    load_model(path)
+    out, err = capfd.readouterr()
+    assert out == "" and "importing" in err and "building" in err
+
+
+def test_verify_json_stays_strict_json_when_the_model_prints(tmp_path: Path) -> None:
+    """Prints at import, in build_model() and in forward (while tracing and running) go to stderr."""
+    from click.testing import CliRunner
+
+    from mpbackprop._json import loads_strict
+    from mpbackprop.cli import main
+
+    path = write(tmp_path, "chatty.py", (
+        "import torch, torch.nn as nn\nprint('importing')\nINPUT_SHAPE = (3,)\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3, 2)\n    def forward(self, x):\n        print('forward', x.shape)\n"
+        "        return self.fc(x)\n"
+        "def build_model():\n    print('building')\n    return Net()\n"))
+    runner = CliRunner()
+    for argv in (["verify", str(path), "--json"], ["verify", str(path), "--json", "--rule", "fa"]):
+        res = runner.invoke(main, argv, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        doc = loads_strict(res.stdout)
+        assert doc["ok"] is True and doc["layers"][0]["name"] == "fc"
+        assert "importing" in res.stderr and "building" in res.stderr and "forward" in res.stderr
+    res = runner.invoke(main, ["compile", str(path), "-o", str(tmp_path / "c.json")], catch_exceptions=False)
+    assert res.exit_code == 0 and "forward" not in res.stdout and "importing" not in res.stdout
