@@ -3,9 +3,12 @@
     python tools/seeds.py RUN_DIR [RUN_DIR ...] [--suites heldout,long] [--steps 100] [--seeds 5]
         [--tasks 1] [--out results/seeds] [--readme README.md] [--ship]
 
-1. **Choice, before any held-out number is computed**: the run whose ``best.pt`` has the lowest
-   meta-validation score (``state.pt``'s ``best_score``; validation tasks only) is the recipe's
-   rule. ``--ship`` copies it to ``mpbackprop/data/default_rule.pt`` (``tools/ship_rule.py``).
+1. **Choice, before any held-out number is computed**: every run's ``best.pt`` is scored again on one
+   common set of meta-validation tasks (``--valid-tasks`` tasks of the runs' family, validation split,
+   seed 0; the same multiples of T as in meta-training: each run chose its ``best.pt`` on validation
+   tasks drawn with its own seed, so those scores are not comparable across runs), and the run with the
+   lowest score is the recipe's rule. ``--ship`` copies it to ``mpbackprop/data/default_rule.pt``
+   (``tools/ship_rule.py``).
 2. **Report**: every seed's ``best.pt`` on the held-out suites (``long``: 10T and 25T on every
    family, 4x wider, 2x deeper; baselines tuned per task and horizon once, on tuning seeds, shared
    by all rules). Writes ``OUT/seeds.json`` and the README section between ``<!-- seeds:start -->``
@@ -38,11 +41,17 @@ BASELINES = ("sgd", "momentum", "adam")
 BAR = 1.05
 
 
-def best_score(run: Path) -> tuple[float, int]:
-    """``(meta-validation score of best.pt, its step)`` from the run directory (validation tasks only)."""
-    _, _, meta = load_rule(run / "best.pt")
-    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
-    return float(state["best_score"]), int(meta.get("step", -1))
+def common_score(run: Path, n_tasks: int) -> tuple[float, int]:
+    """``(score of the run's best.pt on the common validation tasks, the step it was saved at)``."""
+    from mpbackprop.metatrain import MetaConfig, meta_validate
+    from mpbackprop.tasks import get_family
+
+    cfg = MetaConfig.load_run(run / "config.json")
+    backward, update, meta = load_rule(run / "best.pt")
+    specs = get_family(cfg.family).tasks("valid", n_tasks, seed=0)
+    with torch.no_grad():
+        scores = meta_validate(backward, update, specs, cfg.eval_horizon, cfg.val_examples, cfg.eval_multiples)
+    return scores["score"], int(meta.get("step", -1))
 
 
 def _group(spec_name: str, steps: int, base: int) -> str:
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--tasks", type=int, default=1)
     ap.add_argument("--tuning-seeds", type=int, default=2)
+    ap.add_argument("--valid-tasks", type=int, default=6, help="common meta-validation tasks for the choice")
     ap.add_argument("--out", default=str(ROOT / "results" / "seeds"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--ship", action="store_true", help="package the chosen run's best.pt as the default rule")
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     # 1. the choice, on meta-validation only
-    scores = {str(r): best_score(r) for r in args.runs}
+    scores = {str(r): common_score(r, args.valid_tasks) for r in args.runs}
     chosen = min(scores, key=lambda r: scores[r][0])
     print(f"chosen on meta-validation: {chosen} (score {scores[chosen][0]:.4f} at step {scores[chosen][1]})",
           file=sys.stderr)
