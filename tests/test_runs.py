@@ -356,3 +356,10 @@ def test_seed_precedence(tmp_path, global_seed, flag_seed, config_seed, expected
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == expected
     assert f"seed {expected}" in res.stderr
+
+
+def test_the_seed_flag_has_the_configs_bound():
+    from mpbackprop import cli
+    from mpbackprop.metatrain import config
+
+    assert cli._MAX_SEED == config.MAX_SEED

@@ -9,6 +9,7 @@ Run directory layout (every write atomic, write-then-rename):
 ``state.pt``       outer optimizer, RNG states, step, inner states (``--resume``)
 ``metrics.jsonl``  one line per outer step: meta-loss, grad norm, skipped, seconds, …
 ``meta_loss.png``  the meta-loss curve with validation scores
+``.lock``          held by the process writing the run (:mod:`.rundir`)
 =================  ==============================================================
 
 An outer step whose meta-loss or meta-gradient is not finite is skipped and counted,
