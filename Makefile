@@ -22,7 +22,7 @@ run: setup
 	$(BIN)/mpbackprop compile examples/convnet.py -o $(OUT)/convnet.bin
 	$(BIN)/mpbackprop inspect $(OUT)/convnet.bin --plot $(OUT)/convnet.png
 	$(BIN)/mpbackprop verify examples/convnet.py
-	$(BIN)/mpbackprop meta-train --out $(OUT)/meta-train
+	$(BIN)/mpbackprop meta-train --out $(OUT)/meta-train --overwrite
 	$(BIN)/mpbackprop evaluate $(OUT)/meta-train --out $(OUT)/evaluate --plot $(OUT)/evaluate/curves.png
 
 test: setup

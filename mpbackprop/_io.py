@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_torch_save"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -29,6 +29,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, through Python file I/O: a full disk then raises
+    ``OSError(ENOSPC)`` (torch's own file writer reports it as a bare ``RuntimeError``)."""
+    import torch
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    return atomic_write(path, write)
 
 
 def replace_section(text: str, start: str, end: str, body: list[str], heading: str) -> str:

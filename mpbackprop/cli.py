@@ -624,6 +624,27 @@ def _range_param(ctx: click.Context | None, param: click.Parameter | None, text:
     return values[0], values[1]
 
 
+class _PositiveFloat(click.ParamType):
+    """A finite number > 0 (``float`` alone lets ``nan``, ``inf`` and negatives through)."""
+
+    name = "FLOAT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r}: expected a finite number > 0", param, ctx)
+        return number
+
+
+_MAX_THREADS = 256
+_MAX_SEED = 2**32 - 1  # MetaConfig's bound (mpbackprop.metatrain.config.MAX_SEED), kept here to avoid importing torch
+
+
 @main.command("meta-train", short_help="Meta-train a learned rule on a task family.")
 @click.option("--config", "config_path", type=_EXISTING_FILE, default=None,
               help="JSON file of MetaConfig fields; flags given on the command line win.")
@@ -632,7 +653,8 @@ def _range_param(ctx: click.Context | None, param: click.Parameter | None, text:
               help="Meta-gradient estimator [default: tbptt].")
 @click.option("--outer-steps", type=click.IntRange(min=0), default=None, help="Outer steps [default: 250].")
 @click.option("--unroll", default=None, metavar="T|LO,HI", callback=_range_param, help="Inner horizon, or a range sampled log-uniformly.")
-@click.option("--truncation", type=click.IntRange(min=1), default=None, help="Inner steps per truncation K.")
+@click.option("--truncation", type=click.IntRange(min=1), default=None,
+              help="Inner steps per truncation K (at most the longest unroll).")
 @click.option("--tasks-per-step", type=click.IntRange(min=1), default=None, help="Tasks averaged per outer step.")
 @click.option("--objective", type=click.Choice(["mean", "final", "mixed"]), default=None,
               help="Weights of the validation loss over the unroll.")
@@ -640,62 +662,67 @@ def _range_param(ctx: click.Context | None, param: click.Parameter | None, text:
               help="Start the learned backward at exact backprop or at feedback alignment.")
 @click.option("--update-init", type=click.Choice(["adam", "scratch"]), default=None,
               help="Start the learned update at Adam or from scratch.")
-@click.option("--meta-lr", type=float, default=None, help="Outer Adam learning rate.")
+@click.option("--meta-lr", type=_PositiveFloat(), default=None, help="Outer Adam learning rate (a finite number > 0).")
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=None,
+              help="Seed of the run [default: the global --seed if given, else the config's, else 0].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory [default: runs/<family>-<estimator>-s<seed>].")
-@click.option("--resume", is_flag=True, default=False, help="Continue the run in --out where it stopped.")
-@click.option("--threads", type=click.IntRange(min=1), default=1,
-              help="torch threads (tiny target networks run fastest on one).")
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the run in --out where it stopped, with its own settings (only --outer-steps, "
+                   "--threads, --progress and --tensorboard may differ).")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Start anew in an --out that holds a run (removes its checkpoints and metrics).")
+@click.option("--threads", type=click.IntRange(1, _MAX_THREADS), default=1,
+              help=f"torch threads, 1..{_MAX_THREADS} (tiny target networks run fastest on one).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the metrics as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
 @click.pass_context
 @report_errors
-def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | None, resume: bool, threads: int,
-                   progress: bool, tb_dir: Path | None, **flags: Any) -> None:
+def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | None, resume: bool, overwrite: bool,
+                   threads: int, progress: bool, tb_dir: Path | None, **flags: Any) -> None:
     """Meta-train the learned backward + update rule (method.md §4).
 
     With no options: the embedded default (digits-mlp, truncated backprop). Writes config.json,
     rule.pt (latest), best.pt (best on meta-validation tasks), state.pt, metrics.jsonl and
-    meta_loss.png to the run directory. Ctrl-C saves a checkpoint; --resume continues it.
+    meta_loss.png to the run directory, which one run at a time may use (.lock). An --out that
+    already holds a run needs --resume or --overwrite. Ctrl-C or SIGTERM finishes the current
+    outer step, saves it and exits 130 (a second one, a second later or more, exits at once,
+    keeping the last checkpoint); --resume then continues exactly.
+
+    Seed: --seed here, else the global `mpbackprop --seed`, else the --config file's, else 0.
     """
     import torch
 
     from .metatrain import MetaConfig, MetaTrainer
 
     torch.set_num_threads(threads)
-    try:
-        base = MetaConfig.load(config_path) if config_path else MetaConfig()
+    try:  # the settings asked for: the config file's, then the flags given
+        asked: dict[str, Any] = json.loads(config_path.read_text()) if config_path else {}
+        base = MetaConfig.from_json(asked) if config_path else MetaConfig()
     except (ValueError, TypeError) as exc:  # JSON syntax, unknown keys, bad values
         raise CLIError(f"{config_path}: not a valid meta-training config ({_one_line(str(exc))})") from None
     parent = ctx.parent
-    if parent is not None and parent.get_parameter_source("seed") not in (None, click.core.ParameterSource.DEFAULT):
+    if (flags["seed"] is None and parent is not None
+            and parent.get_parameter_source("seed") not in (None, click.core.ParameterSource.DEFAULT)):
         flags["seed"] = parent.params["seed"]
+    flags = {k: v for k, v in flags.items() if v is not None}
     try:
         cfg = base.replace(**flags)
-        if flags.get("family") is not None:
-            from .tasks import get_family
-
-            get_family(cfg.family)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     from .metatrain.distributed import from_environment
 
     out = out or Path("runs") / f"{cfg.family}-{cfg.estimator}-s{cfg.seed}"
-    saved = out / "config.json"
-    if resume and flags.get("outer_steps") is None and config_path is None and saved.is_file():
-        try:  # --resume without --outer-steps: the run's own length, not the default
-            cfg = cfg.replace(outer_steps=int(json.loads(saved.read_text())["outer_steps"]))
-        except (ValueError, KeyError, TypeError):
-            pass  # MetaTrainer reports an unreadable config
     workers = from_environment()  # torchrun sets WORLD_SIZE/RANK; a plain run is one worker
     try:
-        trainer = MetaTrainer(cfg, out, resume=resume, workers=workers)
+        trainer = MetaTrainer({**asked, **flags} if resume else cfg, out, resume=resume, workers=workers,
+                              overwrite=overwrite, notify=lambda note: click.echo(f"note: {note}", err=True))
         cfg = trainer.cfg
         if workers.is_writer:
             click.echo(f"meta-training {cfg.family} with {cfg.estimator}: {cfg.outer_steps} outer steps, "
                        f"{cfg.tasks_per_step} tasks x {cfg.truncation} inner steps per worker, "
-                       f"{workers.world_size} worker(s), unroll {cfg.unroll[0]}-{cfg.unroll[1]}"
+                       f"{workers.world_size} worker(s), unroll {cfg.unroll[0]}-{cfg.unroll[1]}, seed {cfg.seed}"
                        + (f" (resuming at step {trainer.step})" if resume else ""), err=True)
         tb = None
         if tb_dir is not None and workers.is_writer:
@@ -707,15 +734,20 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
             tb.close()
     finally:
         workers.close()
-    if not workers.is_writer:
-        return
-    click.echo(f"results in {out}/: rule.pt (latest), best.pt (best meta-validation score "
-               f"{summary.best_score:.4f}), metrics.jsonl, meta_loss.png, config.json")
-    click.echo(f"outer steps: {summary.steps}, skipped (non-finite): {summary.skipped}, "
-               f"time: {summary.seconds:.0f} s")
+    if workers.is_writer:
+        click.echo(f"results in {out}/: rule.pt (latest), best.pt (best meta-validation score "
+                   f"{summary.best_score:.4f}), metrics.jsonl, meta_loss.png, config.json")
+        click.echo(f"outer steps: {summary.steps}, skipped (non-finite): {summary.skipped}, "
+                   f"time: {summary.seconds:.0f} s")
+        resume_hint = f"continue with: mpbackprop meta-train --out {out} --resume"
+        if summary.stopped_at_once:
+            last = f"step {summary.saved_step}" if summary.saved_step is not None else "none"
+            click.echo(f"stopped at once by a second signal: nothing saved since the last checkpoint ({last}); "
+                       f"{resume_hint}", err=True)
+        elif summary.interrupted:
+            click.echo(f"interrupted ({summary.signal}): finished and saved step {summary.steps}; {resume_hint}",
+                       err=True)
     if summary.interrupted:
-        click.echo(f"interrupted: checkpoint saved; continue with: mpbackprop meta-train --out {out} --resume",
-                   err=True)
         _exit(130)
 
 

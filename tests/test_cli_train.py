@@ -93,7 +93,7 @@ def test_meta_train_resume_and_evaluate(tmp_path):
 
 def test_meta_train_and_evaluate_refuse_bad_input(tmp_path):
     res = run("meta-train", "--family", "nope", "--out", tmp_path / "x", "--no-progress")
-    assert res.exit_code == 2 and "unknown task family" in res.output
+    assert res.exit_code == 2 and "family must be one of digits-mlp" in res.output and "nope" in res.output
     res = run("meta-train", "--out", tmp_path / "empty", "--resume", "--no-progress")
     assert res.exit_code == 2 and "nothing to resume" in res.output
     bad = tmp_path / "bad.json"

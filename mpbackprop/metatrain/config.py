@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from .._json import dumps
 
 __all__ = ["MetaConfig"]
+
+#: Largest seed (the seeds of the task slots' noise streams are derived from it).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -93,29 +99,11 @@ class MetaConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.unroll = (int(self.unroll[0]), int(self.unroll[1]))
-        self.eval_multiples = tuple(int(k) for k in self.eval_multiples)
-        problems = []
-        if self.update_rule not in ("scheduled", "learned"):
-            problems.append(f"update_rule must be scheduled or learned (got {self.update_rule!r})")
-        if not self.eval_multiples or min(self.eval_multiples) < 1:
-            problems.append(f"eval_multiples must be a non-empty list of integers >= 1 (got {list(self.eval_multiples)})")
-        if self.estimator not in ("tbptt", "es", "pes"):
-            problems.append(f"estimator must be tbptt, es or pes (got {self.estimator!r})")
-        if self.objective not in ("mean", "final", "mixed"):
-            problems.append(f"objective must be mean, final or mixed (got {self.objective!r})")
-        if not 1 <= self.unroll[0] <= self.unroll[1]:
-            problems.append(f"unroll range must satisfy 1 <= lo <= hi (got {self.unroll})")
-        if self.truncation < 1 or self.tasks_per_step < 1 or self.outer_steps < 0:
-            problems.append("truncation and tasks_per_step must be >= 1, outer_steps >= 0")
-        if self.backward_init not in ("backprop", "feedback"):
-            problems.append(f"backward_init must be backprop or feedback (got {self.backward_init!r})")
-        if self.features not in ("compact", "full"):
-            problems.append(f"features must be compact or full (got {self.features!r})")
-        if self.update_layers < 1 or self.update_hidden < 1 or self.hidden < 1:
-            problems.append("hidden, update_hidden and update_layers must be >= 1")
-        if self.update_init not in ("adam", "scratch"):
-            problems.append(f"update_init must be adam or scratch (got {self.update_init!r})")
+        problems = [p for name in _RULES if (p := _check(self, name))]
+        if not problems and self.truncation > self.unroll[1]:
+            problems.append(f"truncation must not exceed the longest unroll (got {self.truncation} > "
+                            f"{self.unroll[1]}; an inner run never has more steps than its horizon, so use "
+                            f"truncation <= {self.unroll[1]})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -125,8 +113,14 @@ class MetaConfig:
         d["eval_multiples"] = list(self.eval_multiples)
         return d
 
+    def dumps(self) -> str:
+        """``config.json``'s text (strict JSON)."""
+        return dumps(self.to_json(), indent=2) + "\n"
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "MetaConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a config is a JSON object of MetaConfig fields (got a {type(data).__name__})")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -152,3 +146,126 @@ class MetaConfig:
 
     def replace(self, **changes: Any) -> "MetaConfig":
         return MetaConfig.from_json({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})
+
+
+# ----------------------------------------------------------------------------- validation
+# One rule per field: (check, what is allowed). A check returns the value in its canonical type
+# (int, float, tuple) or raises ValueError; the refusal then says what is allowed.
+Check = Callable[[Any], Any]
+
+
+def _integer(lo: int, hi: int | None = None) -> tuple[Check, str]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise ValueError
+        return int(v)
+
+    return check, f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+
+
+def _number(ok: Callable[[float], bool], allowed: str) -> tuple[Check, str]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(float(v)):
+            raise ValueError
+        return float(v)
+
+    return check, allowed
+
+
+def _choice(*options: str) -> tuple[Check, str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError
+        return str(v)
+
+    return check, "one of " + ", ".join(options)
+
+
+def _family(v: Any) -> str:
+    return _choice(*_families())[0](v)
+
+
+def _families() -> list[str]:
+    from ..tasks import FAMILIES  # tasks pulls in the engine: imported only when a config is checked
+
+    return list(FAMILIES)
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError
+    return v
+
+
+def _range(v: Any) -> tuple[int, int]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError
+    lo, hi = (_integer(1)[0](x) for x in v)
+    if lo > hi:
+        raise ValueError
+    return lo, hi
+
+
+def _multiples(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8:
+        raise ValueError
+    return tuple(_integer(1, 1000)[0](x) for x in v)
+
+
+_AT_LEAST_1 = _integer(1)
+_POSITIVE = _number(lambda v: v > 0, "a finite number > 0")
+_WIDTH = _integer(1, 1024)  # the rule files' limits (rules.learned.SIZE_LIMITS)
+_RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
+    "family": (_family, lambda: "one of " + ", ".join(_families())),
+    "estimator": _choice("tbptt", "es", "pes"),
+    "outer_steps": _integer(0),
+    "unroll": (_range, "a pair [lo, hi] of integers with 1 <= lo <= hi"),
+    "truncation": _AT_LEAST_1,
+    "tasks_per_step": _AT_LEAST_1,
+    "objective": _choice("mean", "final", "mixed"),
+    "final_weight": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "meta_lr": _POSITIVE,
+    "clip_norm": _POSITIVE,
+    "state_dim": _integer(1, 8),
+    "hidden": _WIDTH,
+    "update_hidden": _WIDTH,
+    "update_layers": _integer(1, 16),
+    "features": _choice("compact", "full"),
+    "weight_input": (_flag, "true or false"),
+    "backward_init": _choice("backprop", "feedback"),
+    "update_init": _choice("adam", "scratch"),
+    "update_rule": _choice("scheduled", "learned"),
+    "correction": _number(lambda v: 0 <= v <= 10, "a number in [0, 10]"),
+    "weight_decay": (_flag, "true or false"),
+    "start_offsets": (_flag, "true or false"),
+    "eval_multiples": (_multiples, "a list of 1 to 8 integers in 1..1000 (multiples of eval_horizon)"),
+    "update_lr": _POSITIVE,
+    "es_sigma": _POSITIVE,
+    "es_pairs": _AT_LEAST_1,
+    "val_examples": _AT_LEAST_1,
+    "eval_every": _AT_LEAST_1,
+    "eval_tasks": _AT_LEAST_1,
+    "eval_horizon": _AT_LEAST_1,
+    "checkpoint_every": _AT_LEAST_1,
+    "diverge_factor": _number(lambda v: v > 1, "a finite number > 1, a multiple of the initial loss"),
+    "seed": _integer(0, MAX_SEED),
+}
+assert set(_RULES) == {f.name for f in fields(MetaConfig)}, "every config field needs a rule"
+
+
+def _check(cfg: MetaConfig, name: str) -> str | None:
+    """Put ``cfg.<name>`` in its canonical type; the problem (one phrase) if its value is not allowed."""
+    check, allowed = _RULES[name]
+    value = getattr(cfg, name)
+    try:
+        setattr(cfg, name, check(value))
+    except (ValueError, TypeError):
+        return f"{name} must be {allowed() if callable(allowed) else allowed} (got {_show(value)})"
+    return None
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)

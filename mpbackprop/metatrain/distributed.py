@@ -71,6 +71,20 @@ class Workers:
         _collective(lambda: dist.gather_object(obj, bucket, dst=0))
         return bucket
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any worker (every worker gets the same answer)."""
+        if not self.distributed:
+            return flag
+        return bool(self.sum(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every worker."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        _collective(lambda: dist.broadcast_object_list(box, src=0))
+        return box[0]
+
     def barrier(self) -> None:
         if self.distributed:
             _collective(dist.barrier)

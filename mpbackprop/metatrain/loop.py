@@ -9,11 +9,18 @@ Run directory layout (every write atomic, write-then-rename):
 ``state.pt``       outer optimizer, RNG states, step, inner states (``--resume``)
 ``metrics.jsonl``  one line per outer step: meta-loss, grad norm, skipped, seconds, …
 ``meta_loss.png``  the meta-loss curve with validation scores
+``.lock``          held by the process writing the run (:mod:`.rundir`)
 =================  ==============================================================
 
 An outer step whose meta-loss or meta-gradient is not finite is skipped and counted,
 never applied. Files are loaded with ``torch.load(weights_only=True)``: loading a
-checkpoint never runs code.
+checkpoint never runs code. JSON files and the rule files' provenance strings are strict
+JSON (``null`` for a missing or non-finite value).
+
+One process writes a run (rank 0 of a distributed run), holding ``.lock`` for as long as it
+runs (:mod:`.rundir`). Checkpoints are taken at outer-step boundaries only: SIGINT and SIGTERM
+wait for the end of the current step, which is then saved (:mod:`.interrupts`), so
+``--resume`` continues exactly as if the run had not stopped.
 """
 
 from __future__ import annotations
@@ -21,16 +28,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_torch_save, atomic_write
+from .._json import dump_line, sanitize
 from ..errors import GraphFileError
 from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
 from ..tasks import TaskSpec, get_family
@@ -38,6 +47,8 @@ from .config import MetaConfig
 from .distributed import WorkerFailure, Workers
 from .estimators import Estimator, make_estimator
 from .inner import get_task, unroll
+from .interrupts import StopRequests
+from .rundir import RunDirectoryError, RunLock, append_line, clear_run, disk_full_guard, holds_run, read_metrics
 
 __all__ = ["MetaTrainer", "meta_validate", "build_rules", "RunSummary"]
 
@@ -89,9 +100,6 @@ def _safe_log(x: float) -> float:
     return math.log(x) if math.isfinite(x) and x > 0 else 10.0
 
 
-
-
-
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -107,8 +115,19 @@ class RunSummary:
     steps: int
     skipped: int
     best_score: float
-    interrupted: bool
+    interrupted: bool  # stopped before cfg.outer_steps (by a signal, or at once by a second one)
     seconds: float
+    saved_step: int | None = None  # the step state.pt holds
+    signal: str | None = None  # the signal that asked the run to stop ("SIGINT", "SIGTERM")
+    stopped_at_once: bool = False  # a second signal: nothing saved since saved_step
+
+
+#: What may change when a run is resumed (everything else must match its config.json).
+RESUMABLE = ("outer_steps",)
+
+
+def _note(message: str) -> None:
+    print(f"mpbackprop: {message}", file=sys.stderr)
 
 
 class MetaTrainer:
@@ -116,48 +135,122 @@ class MetaTrainer:
 
     Parameters
     ----------
-    cfg : MetaConfig
+    cfg : MetaConfig or mapping
+        The run's configuration. With ``resume``, the run continues with its own ``config.json``
+        and ``cfg`` only states what the caller asks for: a mapping of some fields, or a whole
+        config; a field that differs from the saved one is refused, except ``outer_steps``.
     out : path
-        Run directory (created).
+        Run directory (created). A directory that already holds a run is refused unless
+        ``resume`` (continue it) or ``overwrite`` (remove its run files and start anew).
     resume : bool
         Continue from ``out/state.pt`` exactly where it stopped.
     workers : Workers, optional
         This process's place in a distributed run (:mod:`.distributed`); default: alone.
+    overwrite : bool
+        Start a new run in a directory that holds one.
+    notify : callable, optional
+        Receives one-line notes (a dropped torn metrics line, a changed ``outer_steps``);
+        default: printed on stderr.
+
+    The writing process holds the directory's lock from here to the end of :meth:`run`.
     """
 
-    def __init__(self, cfg: MetaConfig, out: str | os.PathLike, resume: bool = False,
-                 workers: Workers | None = None) -> None:
+    def __init__(self, cfg: MetaConfig | Mapping[str, Any], out: str | os.PathLike, resume: bool = False,
+                 workers: Workers | None = None, overwrite: bool = False,
+                 notify: Callable[[str], None] | None = None) -> None:
         self.out = Path(out)
         self.workers = workers or Workers()
         self.is_writer = self.workers.is_writer
+        self.notify = notify or _note
+        self.lock = RunLock(self.out)
         state_path = self.out / "state.pt"
-        if resume:
-            if not state_path.is_file():
-                raise GraphFileError(f"{self.out}: nothing to resume (no state.pt); run without --resume")
-            try:
-                cfg = MetaConfig.load_run(self.out / "config.json").replace(outer_steps=cfg.outer_steps)
-            except (OSError, ValueError, TypeError) as exc:
-                raise GraphFileError(f"{self.out / 'config.json'}: cannot resume with this config ({exc})") from exc
-        self.cfg = cfg
-        self.family = get_family(cfg.family)
-        self.rule, self.update = build_rules(cfg)
-        self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update,
-                                                   self.workers.slots(cfg.tasks_per_step), self.workers)
-        self.params = self.estimator.params
-        self.opt = torch.optim.Adam(self.params, lr=cfg.meta_lr)
-        self.valid_specs = self.family.tasks("valid", cfg.eval_tasks, seed=cfg.seed)
-        self.step = 0
+        if resume and overwrite:
+            raise RunDirectoryError("--resume continues a run and --overwrite starts it anew: give one of them")
+        nothing = GraphFileError(f"{self.out}: nothing to resume (no state.pt); run without --resume")
+        if resume and not self.out.is_dir():
+            raise nothing
         self.saved_step: int | None = None
-        self.skipped = 0
-        self.best_score = math.inf
-        self.history: list[dict[str, Any]] = []
-        if resume:
-            self._load_state(state_path)
-        elif self.is_writer:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        if self.is_writer:  # on resume too: a new --outer-steps is part of the run's config from now on
-            atomic_write(self.out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_json(), indent=2)))
+        self._claim(resume, overwrite)
+        try:
+            if resume and not state_path.is_file():
+                raise nothing
+            cfg = self._resumed_config(cfg) if resume else cfg
+            if not isinstance(cfg, MetaConfig):
+                raise TypeError("a new run needs a whole MetaConfig")
+            self.cfg = cfg
+            self.family = get_family(cfg.family)
+            self.rule, self.update = build_rules(cfg)
+            self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update,
+                                                       self.workers.slots(cfg.tasks_per_step), self.workers)
+            self.params = self.estimator.params
+            self.opt = torch.optim.Adam(self.params, lr=cfg.meta_lr)
+            self.valid_specs = self.family.tasks("valid", cfg.eval_tasks, seed=cfg.seed)
+            self.step = 0
+            self.skipped = 0
+            self.best_score = math.inf
+            self.history: list[dict[str, Any]] = []
+            if resume:
+                self._load_state(state_path)
+            if self.is_writer:  # on resume too: a new outer_steps is part of the run's config from now on
+                self._write(self.out / "config.json", lambda p: Path(p).write_text(cfg.dumps()))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # ------------------------------------------------------------ run directory
+    def _claim(self, resume: bool, overwrite: bool) -> None:
+        """The writer locks the directory and makes sure it may start (or continue) a run there;
+        every worker learns its verdict, so all of them stop with the same line."""
+        problem: BaseException | None = None
+        if self.is_writer:
+            try:
+                self.lock.acquire()
+                if not resume and holds_run(self.out):
+                    if not overwrite:
+                        raise RunDirectoryError(
+                            f"{self.out} already holds a meta-training run; continue it with --resume, or start "
+                            "it anew with --overwrite (removes its checkpoints and metrics)")
+                    clear_run(self.out)
+            except BaseException as exc:  # noqa: BLE001 - the other workers must hear of it
+                self.lock.release()
+                problem = exc
+        verdict = self.workers.broadcast(None if problem is None else str(problem).splitlines()[0])
+        if problem is not None:
+            raise problem
+        if verdict is not None:
+            raise RunDirectoryError(verdict)
+
+    def _resumed_config(self, asked: MetaConfig | Mapping[str, Any]) -> MetaConfig:
+        """The run's saved config with what is asked for; refuse asked values that would change it."""
+        path = self.out / "config.json"
+        try:
+            saved = MetaConfig.load_run(path)
+        except (OSError, ValueError, TypeError) as exc:
+            raise GraphFileError(f"{path}: cannot resume with this config ({_first_line(exc)}); repair it, or "
+                                 "start a new run with --overwrite") from None
+        requested = asked.to_json() if isinstance(asked, MetaConfig) else dict(asked)
+        try:
+            cfg = saved.replace(**requested)
+        except (ValueError, TypeError) as exc:
+            raise RunDirectoryError(f"cannot resume {self.out}: {_first_line(exc)}") from None
+        old, new = saved.to_json(), cfg.to_json()
+        changed = [f"{k}={json.dumps(new[k])} (saved: {json.dumps(old[k])})" for k in new
+                   if k not in RESUMABLE and new[k] != old[k]]
+        if changed:
+            raise RunDirectoryError(
+                f"{self.out}: --resume continues the run with its own settings, and these differ from its "
+                f"config.json: {', '.join(changed)}; leave them out or give the saved values (only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}, --threads, --progress and "
+                "--tensorboard may change), or start a new run with --overwrite or another --out")
+        if self.is_writer and cfg.outer_steps != saved.outer_steps:
+            self.notify(f"outer_steps of {self.out} changed from {saved.outer_steps} to {cfg.outer_steps}")
+        return cfg
+
+    def _write(self, path: Path, write: Callable[[str], Any]) -> None:
+        """An atomic write of one run file; a full disk ends the run with one line saying where it
+        can continue from."""
+        with disk_full_guard(path, self.saved_step):
+            atomic_write(path, write)
 
     # ------------------------------------------------------------ checkpoints
     def _provenance(self) -> dict[str, Any]:
@@ -165,14 +258,14 @@ class MetaTrainer:
                 "step": self.step}
 
     def save(self) -> None:
-        """Write latest rule, optimizer/RNG/inner state and the plot (atomically; rank 0 writes,
-        every worker takes part because the inner states of all workers go into ``state.pt``)."""
+        """Write the checkpoint (``state.pt``: optimizer, RNG and inner states), the latest rule and
+        the plot, each atomically; rank 0 writes, every worker takes part because the inner states
+        of all workers go into ``state.pt``. ``state.pt`` goes first: once it is written, the run
+        continues from this step whatever happens to the other writes."""
         estimators = self.workers.gather(self.estimator.state_dict())
-        self.saved_step = self.step
         if not self.is_writer:
+            self.saved_step = self.step
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_rule(self.out / "rule.pt", self.rule, self.update, self._provenance())
         state = {
             "format": _STATE_FORMAT,
             "step": self.step,
@@ -185,35 +278,49 @@ class MetaTrainer:
             "world_size": self.workers.world_size,
             "estimators": estimators,
         }
-        atomic_write(self.out / "state.pt", lambda p: torch.save(state, p))
+        with disk_full_guard(self.out / "state.pt", self.saved_step):
+            atomic_torch_save(state, self.out / "state.pt")
+        self.saved_step = self.step
+        self._save_rule("rule.pt", self._provenance())
         self._plot()
 
+    def _save_rule(self, name: str, meta: dict[str, Any]) -> None:
+        with disk_full_guard(self.out / name, self.saved_step):
+            save_rule(self.out / name, self.rule, self.update, sanitize(meta))
+
     def _load_state(self, path: Path) -> None:
+        what_to_do = "start a new run with --overwrite, or restore the run directory from a backup"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-                raise ValueError("not a meta-training state file")
+        except Exception as exc:  # noqa: BLE001 - never torch's hint to load it unsafely
+            raise GraphFileError(f"{path}: not a readable meta-training state ({type(exc).__name__}: damaged, "
+                                 f"or not a file meta-train wrote); {what_to_do}") from None
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise GraphFileError(f"{path}: not a meta-training state (a torch file of another kind); {what_to_do}")
+        if state.get("world_size") != self.workers.world_size:
+            raise GraphFileError(f"{path}: cannot resume from this file (it was written by {state.get('world_size')} "
+                                 f"workers, this run has {self.workers.world_size}; resume with the same number)")
+        try:
             self.rule.load_state_dict(state["rule"])
             self.update.load_state_dict(state["update"])
             self.opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
-            if int(state["world_size"]) != self.workers.world_size:
-                raise ValueError(f"it was written by {state['world_size']} workers, this run has "
-                                 f"{self.workers.world_size}; resume with the same number")
             self.estimator.load_state_dict(state["estimators"][self.workers.rank])
+            self.step = int(state["step"])
+            self.skipped = int(state["skipped"])
+            self.best_score = float(state["best_score"])
         except Exception as exc:  # noqa: BLE001
-            raise GraphFileError(f"{path}: cannot resume from this file ({exc})") from exc
-        self.step = int(state["step"])
+            raise GraphFileError(f"{path}: not a readable meta-training state (it does not fit the run's "
+                                 f"config.json: {_first_line(exc)[:160]}); {what_to_do}") from None
         self.saved_step = self.step
-        self.skipped = int(state["skipped"])
-        self.best_score = float(state["best_score"])
-        metrics = self.out / "metrics.jsonl"
-        if metrics.is_file():  # drop lines written after the checkpoint: the run continues from there
-            lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
-            self.history = [l for l in lines if l["step"] <= self.step]
-            if self.is_writer:
-                text = "".join(json.dumps(l) + "\n" for l in self.history)
-                atomic_write(metrics, lambda p: Path(p).write_text(text))
+        rows, note = read_metrics(self.out / "metrics.jsonl")
+        if note and self.is_writer:
+            self.notify(note)
+        # drop lines written after the checkpoint: the run continues from there
+        self.history = [sanitize(r) for r in rows if r["step"] <= self.step]
+        if self.is_writer and (self.out / "metrics.jsonl").is_file():
+            text = "".join(dump_line(r) for r in self.history)
+            self._write(self.out / "metrics.jsonl", lambda p: Path(p).write_text(text))
 
     def _plot(self) -> None:
         if not self.history:
@@ -223,15 +330,15 @@ class MetaTrainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [h["step"] for h in self.history if math.isfinite(h.get("meta_loss", math.nan))]
-        losses = [h["meta_loss"] for h in self.history if math.isfinite(h.get("meta_loss", math.nan))]
+        points = [(h["step"], h["meta_loss"]) for h in self.history if _finite(h.get("meta_loss"))]
+        steps, losses = [s for s, _ in points], [v for _, v in points]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(steps, losses, lw=0.8, alpha=0.5, label="meta-loss (train tasks)")
         if len(losses) >= 10:
             k = max(len(losses) // 20, 5)
             smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
             ax.plot(steps, smooth, lw=2, label=f"running mean ({k})")
-        vs = [(h["step"], h["valid_log_loss_T"]) for h in self.history if "valid_log_loss_T" in h]
+        vs = [(h["step"], h["valid_log_loss_T"]) for h in self.history if _finite(h.get("valid_log_loss_T"))]
         if vs:
             ax.plot(*zip(*vs), "o-", color="C3", label="meta-validation log loss at T")
         ax.set_xlabel("outer step")
@@ -239,14 +346,18 @@ class MetaTrainer:
         ax.set_title(f"meta-training {self.cfg.family} ({self.cfg.estimator})")
         ax.legend()
         fig.tight_layout()
-        atomic_write(self.out / "meta_loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
-        plt.close(fig)
+        try:
+            self._write(self.out / "meta_loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        finally:
+            plt.close(fig)
 
     def _log(self, row: dict[str, Any]) -> None:
+        row = sanitize(row)  # strict JSON: a non-finite value is written as null
         self.history.append(row)
         if self.is_writer:
-            with open(self.out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            path = self.out / "metrics.jsonl"
+            with disk_full_guard(path, self.saved_step):
+                append_line(path, dump_line(row))
 
     # ------------------------------------------------------------------- loop
     def outer_step(self) -> dict[str, Any]:
@@ -284,39 +395,47 @@ class MetaTrainer:
                              self.cfg.eval_multiples)
 
     def run(self, progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
-        """Run until ``cfg.outer_steps``; Ctrl-C saves a checkpoint before returning."""
+        """Run until ``cfg.outer_steps``. SIGINT/SIGTERM: finish the current step, save it, return
+        (``interrupted``); a second signal: return at once without saving (``stopped_at_once``).
+        Releases the directory's lock when it returns."""
         from tqdm import tqdm
 
         start = time.perf_counter()
-        interrupted = False
-        if self.step == 0 and self.is_writer:
-            self._validate_and_keep(initial=True)
+        if self.is_writer:
+            self.lock.acquire()
+        stop = StopRequests()
+        at_once = False
         bar = tqdm(total=self.cfg.outer_steps, initial=self.step, disable=not progress, desc="meta-train",
                    unit="step", dynamic_ncols=True)
         try:
-            while self.step < self.cfg.outer_steps:
-                row = self.outer_step()
-                if self.is_writer and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.outer_steps):
-                    row.update(self._validate_and_keep())
-                self._log(row)
-                if on_step:
-                    on_step(row)
-                bar.update(1)
-                bar.set_postfix(meta_loss=f"{row['meta_loss']:.3f}", skipped=self.skipped)
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.outer_steps:
+            with stop:
+                if self.step == 0 and self.is_writer and not any(r["step"] == 0 for r in self.history):
+                    self._validate_and_keep(initial=True)
+                while self.step < self.cfg.outer_steps and not self.workers.any(stop.requested):
+                    row = self.outer_step()
+                    if self.is_writer and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.outer_steps):
+                        row.update(self._validate_and_keep())
+                    self._log(row)
+                    if on_step:
+                        on_step(row)
+                    bar.update(1)
+                    bar.set_postfix(meta_loss=f"{row['meta_loss']:.3f}", skipped=self.skipped)
+                    if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.outer_steps:
+                        self.save()
+                if self.saved_step != self.step:  # stopped between checkpoints, or nothing ran at all
                     self.save()
-            if self.step == 0:  # nothing ran (outer_steps=0): still leave a complete run directory
-                self.save()
-        except KeyboardInterrupt:
-            interrupted = True
-            self.save()
+        except KeyboardInterrupt:  # a second signal: the last checkpoint stays as it is
+            at_once = True
         except WorkerFailure as exc:
             where = f"step {self.saved_step} in {self.out}" if self.saved_step is not None else "none written yet"
             raise WorkerFailure(f"{exc}; last checkpoint: {where} (continue with --resume)") from exc
         finally:
             bar.close()
-        return RunSummary(self.out, self.step, self.skipped, self.best_score, interrupted,
-                          time.perf_counter() - start)
+            self.lock.release()
+        name = None if stop.signum is None else signal.Signals(stop.signum).name
+        return RunSummary(self.out, self.step, self.skipped, self.best_score,
+                          at_once or self.step < self.cfg.outer_steps, time.perf_counter() - start,
+                          self.saved_step, name, at_once)
 
     def _validate_and_keep(self, initial: bool = False) -> dict[str, Any]:
         scores = self.validate()
@@ -325,10 +444,17 @@ class MetaTrainer:
         if best:
             self.best_score = score
             if self.is_writer:
-                save_rule(self.out / "best.pt", self.rule, self.update, {**self._provenance(), **scores})
+                self._save_rule("best.pt", {**self._provenance(), **scores})
         if initial:
-            self._log({"step": 0, "meta_loss": math.nan, "grad_norm": math.nan, "skipped": False,
+            self._log({"step": 0, "meta_loss": None, "grad_norm": None, "skipped": False,
                        "skipped_total": 0, "resets": 0, "finished": 0, "seconds": 0.0, **scores, "best": best})
         return {**scores, "best": best}
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

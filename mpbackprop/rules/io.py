@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_torch_save
 from ..errors import GraphFileError
 from .base import BackwardRule, UpdateRule
 from .exact import Exact
@@ -77,7 +77,7 @@ def save_rule(path: str | os.PathLike, backward: BackwardRule, update: UpdateRul
         "update_state": {k: v.detach().clone() for k, v in update.state_dict().items()},
         "meta": json.dumps(meta or {}),
     }
-    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    return atomic_torch_save(blob, path)
 
 
 def load_rule(path: str | os.PathLike) -> tuple[BackwardRule, UpdateRule, dict[str, Any]]:
