@@ -307,7 +307,8 @@ def test_a_failed_metrics_append_leaves_the_file_as_it_was(tmp_path, monkeypatch
 # ------------------------------------------------------------------------- config validation
 @pytest.mark.parametrize("field, value, allowed", [
     ("eval_every", 0, "an integer >= 1"), ("checkpoint_every", 0, "an integer >= 1"),
-    ("val_examples", 0, "an integer >= 1"), ("eval_tasks", 0, "an integer >= 1"), ("state_dim", 0, "an integer >= 1"),
+    ("val_examples", 0, "an integer >= 1"), ("eval_tasks", 0, "an integer >= 1"), ("state_dim", 0, "an integer in 1..8"), ("hidden", 5000, "an integer in 1..1024"),
+    ("eval_multiples", [], "a list of 1 to 8 integers"), ("update_rule", "adam", "one of scheduled, learned"),
     ("es_pairs", 0, "an integer >= 1"), ("eval_horizon", 0, "an integer >= 1"),
     ("outer_steps", 2.7, "an integer >= 0"), ("outer_steps", True, "an integer >= 0"), ("outer_steps", -1, "an integer >= 0"),
     ("clip_norm", 0.0, "a finite number > 0"), ("diverge_factor", 0, "a finite number > 1"),
