@@ -8,6 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
+# make run meta-trains a shortened run of the default recipe (the full one: META_STEPS=400, about 20 min)
+META_STEPS ?= 50
 
 .PHONY: setup run test bench clean
 
@@ -22,7 +24,7 @@ run: setup
 	$(BIN)/mpbackprop compile examples/convnet.py -o $(OUT)/convnet.bin
 	$(BIN)/mpbackprop inspect $(OUT)/convnet.bin --plot $(OUT)/convnet.png
 	$(BIN)/mpbackprop verify examples/convnet.py
-	$(BIN)/mpbackprop meta-train --out $(OUT)/meta-train --overwrite
+	$(BIN)/mpbackprop meta-train --out $(OUT)/meta-train --overwrite --outer-steps $(META_STEPS)
 	$(BIN)/mpbackprop evaluate $(OUT)/meta-train --out $(OUT)/evaluate --plot $(OUT)/evaluate/curves.png
 
 test: setup
