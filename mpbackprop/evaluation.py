@@ -82,7 +82,8 @@ class RunCurve:
 
     @property
     def failed(self) -> bool:
-        """Diverged: the final loss is not finite, or above the loss the run started from."""
+        """Failed (the long suite's criterion): the final loss is not finite, or above the loss the run
+        started from — a run that blew up late counts even if it never left :data:`DIVERGED_LOSS`."""
         final = self.loss[-1] if self.loss else math.nan
         return self.diverged or not math.isfinite(final) or (math.isfinite(self.initial) and final > self.initial)
 
@@ -334,7 +335,8 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
             entry: dict[str, Any] = {"val_loss_mean": mean, "val_loss_ci": [lo, hi],
                                      "val_acc_mean": float(sum(acc) / len(acc)) if acc else float("nan"),
                                      "ms_per_step": sum(c.ms_per_step for c in curves) / len(curves),
-                                     "diverged": sum(c.failed for c in curves), "runs": len(curves)}
+                                     "diverged": sum(c.diverged for c in curves),
+                                     "failed": sum(c.failed for c in curves), "runs": len(curves)}
             if target is not None:
                 entry["ratio_to_adam"] = mean / target if target > 0 else float("nan")
                 mean_curve = [sum(c.loss[k] for c in curves) / len(curves) for k in range(res.steps)]
@@ -358,6 +360,7 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
             "speedup_vs_adam": _geomean([e.get("speedup_vs_adam", 0.0) for e in entries]),
             "ms_per_step": sum(e["ms_per_step"] for e in entries) / n,
             "diverged": sum(e["diverged"] for e in entries),
+            "failed": sum(e["failed"] for e in entries),
             "runs": sum(e["runs"] for e in entries),
         }
         if all("ratio_to_adam" in e for e in entries):

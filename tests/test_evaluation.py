@@ -121,3 +121,37 @@ def test_statistics_and_plots_of_diverged_runs_raise_no_warnings(tmp_path):
     strict = loads_strict(dumps(doc))
     assert strict["methods"]["sgd"]["val_loss_mean"] is None and strict["methods"]["learned"]["val_loss_ci"] == [None, None]
     assert strict["methods"]["adam"]["val_loss_mean"] == pytest.approx(doc["methods"]["adam"]["val_loss_mean"])
+
+
+def test_long_suite_covers_every_family_wider_and_deeper_at_10t_and_25t():
+    pairs = ev.suite_tasks("long", "digits-mlp", 1, 100)
+    horizons = {steps for _, steps in pairs}
+    assert horizons == {1000, 2500}
+    datasets = {spec.dataset for spec, _ in pairs}
+    assert {"digits", "digits-image"} <= datasets and len(datasets) >= 4  # tabular and synthetic families too
+    base = ev.get_family("digits-mlp").tasks("heldout", 1)[0]
+    widths = {spec.widths for spec, _ in pairs if spec.dataset == "digits" and spec.arch == "mlp"}
+    assert widths == {base.widths, tuple(4 * w for w in base.widths), base.widths * 2}
+    assert len(pairs) == 2 * (len(ev.LONG_FAMILIES) + 2)
+    heldout_seeds = {s.init_seed for name in ev.LONG_FAMILIES for s in ev.get_family(name).tasks("heldout", 1)}
+    assert {spec.init_seed for spec, _ in pairs} <= heldout_seeds
+
+
+@pytest.mark.parametrize("loss, initial, failed", [
+    ([2.0, 1.0, 0.5], 2.3, False), ([2.0, 1.0, 2.5], 2.3, True), ([2.0, math.inf], 2.3, True),
+    ([2.0, 1.0], math.nan, False),
+])
+def test_a_run_failed_when_its_final_loss_is_not_finite_or_above_its_start(loss, initial, failed):
+    assert ev.RunCurve(loss, [0.5] * len(loss), 1.0, initial=initial).failed is failed
+
+
+def test_summary_counts_failed_runs_and_the_ratio_to_adam():
+    spec = TaskSpec()
+    curves = {"learned": [ev.RunCurve([1.0, 0.2], [0.9] * 2, 1.0, initial=2.0),
+                          ev.RunCurve([1.0, 3.0], [0.1] * 2, 1.0, initial=2.0)],
+              "adam": [ev.RunCurve([1.0, 0.5], [0.9] * 2, 1.0, initial=2.0)] * 2}
+    rep = ev.summarize([ev.TaskResult(spec, 2, {}, curves)], ("learned", "adam"))
+    learned = rep["methods"]["learned"]
+    assert learned["failed"] == 1 and learned["diverged"] == 0 and learned["runs"] == 2
+    assert learned["ratio_to_adam_max"] == pytest.approx(1.6 / 0.5)
+    loads_strict(dumps(rep))

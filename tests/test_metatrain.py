@@ -16,7 +16,7 @@ from mpbackprop.metatrain import MetaConfig, MetaTrainer
 from mpbackprop.metatrain.estimators import Estimate
 from mpbackprop.metatrain.inner import step_weight
 from mpbackprop.rules import load_rule
-from mpbackprop.tasks import FAMILIES, SPLITS, Task, load_dataset
+from mpbackprop.tasks import FAMILIES, SPLITS, Task, TaskSpec, load_dataset
 
 TINY = dict(family="tabular-mlp", outer_steps=4, unroll=(6, 10), truncation=3, tasks_per_step=2, eval_every=2,
             eval_tasks=1, eval_horizon=5, checkpoint_every=1, val_examples=32, state_dim=2, hidden=4)
@@ -166,3 +166,38 @@ def test_datasets_are_standardised_and_split_by_seed():
     assert tr.x.shape[0] + va.x.shape[0] == 178
     rng = random.Random(0)
     assert FAMILIES["digits-mlp"].sample(rng, "train").dataset == "digits"
+
+
+def test_augmented_tasks_rescale_inputs_and_initial_weights_and_keep_old_spec_json():
+    from dataclasses import replace
+
+    plain = FAMILIES["digits-mlp"].tasks("train", 1)[0]
+    assert set(plain.to_json()) == {"dataset", "arch", "widths", "activation", "batch_size", "init_seed", "data_seed"}
+    scaled = replace(plain, input_scale=2.0, init_scale=0.5)
+    assert TaskSpec.from_json(scaled.to_json()) == scaled
+    a, b = Task(plain), Task(scaled)
+    assert torch.allclose(b.valid.x, 2 * a.valid.x) and torch.allclose(b.train.x, 2 * a.train.x)
+    weights = [p for p in a.net.tensors if p.role == "weight"]
+    for p in a.net.tensors:
+        ratio = 0.5 if p in weights else 1.0
+        assert torch.allclose(b.theta0[p.offset:p.stop], ratio * a.theta0[p.offset:p.stop])
+    specs = FAMILIES["augmented"].tasks("train", 40)
+    assert {s.arch for s in specs} == {"mlp", "conv"}
+    assert len({s.dataset for s in specs}) >= 5
+    assert all(0.5 <= s.input_scale <= 2 and 0.7 <= s.init_scale <= 1.4 for s in specs)
+
+
+def test_start_offsets_put_the_first_runs_out_of_phase():
+    from mpbackprop.metatrain import build_rules
+    from mpbackprop.metatrain.estimators import make_estimator
+
+    cfg = MetaConfig(family="digits-mlp", unroll=(10, 40), truncation=2, tasks_per_step=3, es_pairs=1,
+                     val_examples=32, start_offsets=True)
+    rule, update = build_rules(cfg)
+    est = make_estimator(cfg, FAMILIES["digits-mlp"], rule, update)
+    est._ensure()
+    steps = [s.step for s in est.inner]
+    assert all(0 <= s.step < s.horizon for s in est.inner) and len(set(steps)) > 1, steps
+    off = make_estimator(cfg.replace(start_offsets=False), FAMILIES["digits-mlp"], rule, update)
+    off._ensure()
+    assert [s.step for s in off.inner] == [0, 0, 0]

@@ -61,7 +61,7 @@ def test_starts_as_adam_on_a_cosine_schedule():
 
 
 def test_step_size_follows_progress_and_stays_at_the_floor_past_the_end():
-    upd = ScheduledUpdate(lr=1e-2, floor=0.2).double()
+    upd = ScheduledUpdate(lr=1e-2, floor=0.2, horizon_exponent=True).double()
     with torch.no_grad():
         upd.horizon_raw.fill_(math.atanh(0.5))
     total = 400
@@ -119,7 +119,7 @@ def test_correction_is_bounded_and_decay_touches_weights_only():
 
 def test_unroll_is_differentiable_in_every_meta_parameter():
     net, theta0 = _net()
-    upd = ScheduledUpdate(weight_decay=True).double()
+    upd = ScheduledUpdate(weight_decay=True, horizon_exponent=True).double()
     _perturb(upd.net, scale=0.3)
     rule = LearnedBackward().double()
     params = [p for p in upd.parameters()]
@@ -151,6 +151,13 @@ def test_unroll_is_differentiable_in_every_meta_parameter():
     down[0] -= eps
     fd = (float(loss_of(*up)) - float(loss_of(*down))) / (2 * eps)
     assert float(grads[0]) == pytest.approx(float(fd), rel=1e-4, abs=1e-9)
+
+
+def test_horizon_exponent_is_a_fixed_zero_unless_learned():
+    fixed, learned = ScheduledUpdate(), ScheduledUpdate(horizon_exponent=True)
+    assert "horizon_raw" not in dict(fixed.named_parameters()) and "horizon_raw" in dict(learned.named_parameters())
+    assert float(fixed.step_size(0, 2500)) == pytest.approx(float(fixed.step_size(0, 100)))
+    assert set(fixed.state_dict()) == set(learned.state_dict())  # files of either kind load alike
 
 
 def test_saves_and_loads(tmp_path):

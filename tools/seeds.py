@@ -86,8 +86,8 @@ def _long_rows(summary: dict, base: int) -> dict[str, dict]:
         learned, adam = t["methods"]["learned"], t["methods"]["adam"]
         row = rows.setdefault(key, {"ratios": [], "diverged": 0, "adam_diverged": 0, "runs": 0})
         row["ratios"].append(learned.get("ratio_to_adam"))
-        row["diverged"] += learned["diverged"]
-        row["adam_diverged"] += adam["diverged"]
+        row["diverged"] += learned["failed"]
+        row["adam_diverged"] += adam["failed"]
         row["runs"] += learned["runs"]
     return rows
 

@@ -53,8 +53,9 @@ class MetaConfig:
         correction, a step size scheduled over the run's stated length) or ``learned``
         (:class:`~mpbackprop.rules.LearnedUpdate`, the design of rules before it; ``update_init``,
         ``update_layers``, ``features`` and ``weight_input`` apply to it).
-    correction, weight_decay : float, bool
-        Bound of the ``scheduled`` update's learned correction; whether it learns a decoupled weight decay.
+    correction, weight_decay, horizon_exponent : float, bool, bool
+        Bound of the ``scheduled`` update's learned correction; whether it learns a decoupled weight decay;
+        whether it learns the exponent of its step size in the stated horizon.
     start_offsets : bool
         Start each task slot's first inner run at a random step of its horizon (run there with the
         initial rule, without gradients), so the slots are out of phase from the first outer step.
@@ -66,13 +67,13 @@ class MetaConfig:
 
     family: str = "augmented"
     estimator: str = "pes"
-    outer_steps: int = 400
+    outer_steps: int = 300
     unroll: tuple[int, int] = (100, 2500)
     truncation: int = 20
     tasks_per_step: int = 4
     objective: str = "mixed"
-    final_weight: float = 0.5
-    meta_lr: float = 3e-3
+    final_weight: float = 0.8
+    meta_lr: float = 1e-3
     clip_norm: float = 1.0
     state_dim: int = 1
     hidden: int = 4
@@ -85,6 +86,7 @@ class MetaConfig:
     update_rule: str = "scheduled"
     correction: float = 0.5
     weight_decay: bool = False
+    horizon_exponent: bool = False
     start_offsets: bool = True
     eval_multiples: tuple[int, ...] = (1, 10, 25)
     update_lr: float = 1e-2
@@ -237,6 +239,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "update_rule": _choice("scheduled", "learned"),
     "correction": _number(lambda v: 0 <= v <= 10, "a number in [0, 10]"),
     "weight_decay": (_flag, "true or false"),
+    "horizon_exponent": (_flag, "true or false"),
     "start_offsets": (_flag, "true or false"),
     "eval_multiples": (_multiples, "a list of 1 to 8 integers in 1..1000 (multiples of eval_horizon)"),
     "update_lr": _POSITIVE,

@@ -63,7 +63,8 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     update: UpdateRule
     if cfg.update_rule == "scheduled":
         update = ScheduledUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, lr=cfg.update_lr,
-                                 correction=cfg.correction, weight_decay=cfg.weight_decay)
+                                 correction=cfg.correction, weight_decay=cfg.weight_decay,
+                                 horizon_exponent=cfg.horizon_exponent)
     else:
         update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
                                features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,

@@ -14,7 +14,8 @@ correction, and a step size from a schedule relative to the run's stated length.
   ``(τ, cos πτ)`` — never an absolute step count.
 * **step size** — ``η(t, T) = lr·e^{a}·(T/T_0)^{-b}·s(τ)`` with the cosine schedule
   ``s(τ) = f + (1 − f)·(1 + cos πτ)/2`` from 1 down to a floor ``f`` (Loshchilov & Hutter, 2017), learned
-  scale ``a``, horizon exponent ``b`` (bounded in (−1, 1)) and floor ``f``; ``T`` is the run's stated length
+  scale ``a`` and floor ``f``, and a horizon exponent ``b`` (bounded in (−1, 1); learned only with
+  ``horizon_exponent=True``, else 0); ``T`` is the run's stated length
   (``total_steps``: the Trainer's, the evaluation horizon, the meta-training task's horizon), ``T_0`` the
   reference horizon. The schedule is kept apart from the learned direction, as in Celo: the learned part can
   turn the direction, not blow up the step. Measured on held-out digits tasks (Adam's direction, floor 0.1,
@@ -77,12 +78,17 @@ class ScheduledUpdate(UpdateRule):
         Reference horizon ``T_0`` of the horizon exponent.
     weight_decay : bool
         Add a learned decoupled weight decay (starting at ``λ = 1e-4``).
+    horizon_exponent : bool
+        Learn the horizon exponent ``b``; if False it stays 0 (a buffer, not a meta-parameter), so the
+        peak step size does not depend on the stated length (the default: meta-training on a mean-over-
+        the-unroll objective pushed ``b`` towards larger steps for long runs).
     """
 
     name = "scheduled"
 
     def __init__(self, signal_dim: int = 1, hidden: int = 4, lr: float = 1e-2, correction: float = 0.5,
-                 floor: float = 0.1, horizon_ref: int = 100, weight_decay: bool = False) -> None:
+                 floor: float = 0.1, horizon_ref: int = 100, weight_decay: bool = False,
+                 horizon_exponent: bool = False) -> None:
         super().__init__()
         if not 0 < floor < 1:
             raise ValueError(f"floor must be in (0, 1), got {floor}")
@@ -97,8 +103,12 @@ class ScheduledUpdate(UpdateRule):
         self.floor = float(floor)
         self.horizon_ref = int(horizon_ref)
         self.weight_decay = bool(weight_decay)
+        self.horizon_exponent_learned = bool(horizon_exponent)
         self.log_lr_scale = nn.Parameter(torch.tensor(0.0))  # a
-        self.horizon_raw = nn.Parameter(torch.tensor(0.0))  # b = tanh(raw)
+        if self.horizon_exponent_learned:
+            self.horizon_raw = nn.Parameter(torch.tensor(0.0))  # b = tanh(raw)
+        else:
+            self.register_buffer("horizon_raw", torch.tensor(0.0))
         self.width_raw = nn.Parameter(torch.tensor(0.0))  # p = tanh(raw)
         self.floor_logit = nn.Parameter(torch.tensor(math.log(floor / (1 - floor))))  # f = σ(logit)
         if self.weight_decay:
@@ -108,7 +118,8 @@ class ScheduledUpdate(UpdateRule):
 
     def config(self) -> dict[str, Any]:
         return {"signal_dim": self.signal_dim, "hidden": self.hidden, "lr": self.lr, "correction": self.correction,
-                "floor": self.floor, "horizon_ref": self.horizon_ref, "weight_decay": self.weight_decay}
+                "floor": self.floor, "horizon_ref": self.horizon_ref, "weight_decay": self.weight_decay,
+                "horizon_exponent": self.horizon_exponent_learned}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         return {"m": theta.new_zeros(len(_DECAYS), theta.numel()), "v": torch.zeros_like(theta)}
