@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_torch_save", "is_disk_full"]
+
+#: ``errno`` values of a write that failed for lack of space: a full disk, or a full quota.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for lack of space (``ENOSPC``, ``EDQUOT``)."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

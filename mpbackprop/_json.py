@@ -15,11 +15,15 @@ from typing import Any
 __all__ = ["finite_or_none", "sanitize", "dumps", "dump_line", "loads_strict"]
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """``x`` if it is a finite number, else ``None``."""
-    if x is None:
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)`` if ``x`` is a finite number, else ``None`` (also for ``None``, a bool, a string or
+    anything else that is not a number, as a hand-edited file may hold)."""
+    if x is None or isinstance(x, (bool, str, bytes)):
         return None
-    x = float(x)
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
     return x if math.isfinite(x) else None
 
 

@@ -14,14 +14,14 @@ interrupted (Ctrl-C). ``--debug`` prints the traceback instead of the line. New 
 this by decorating their callback with :func:`report_errors` (below ``@main.command()``) and
 raising :class:`CLIError` (or a library error) for refusals of their own. Callbacks return None:
 like click's own non-standalone ``main``, the group turns an ``int`` return value into the exit
-status. Option values are checked by the types below (:data:`SEED`, :data:`THREADS`,
-:class:`PositiveFloat`, :class:`PlotFile`): a refusal names the option and what it allows.
+status. Option values are checked by the types below (:data:`SEED`, :data:`META_SEED` and
+:data:`THREADS`, bounded by :mod:`mpbackprop.limits`; :class:`PositiveFloat`, :class:`PlotFile`):
+a refusal names the option and what it allows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import math
@@ -37,13 +37,15 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__
-from . import _json as strict_json
-from ._io import atomic_write
+from ._io import atomic_write, is_disk_full
 from ._json import dumps
-from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
+from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError, first_line
+from .limits import MAX_META_SEED, MAX_SEED, MAX_THREADS
+from .metatrain.config import MetaConfig
+from .tasks import FAMILIES
 
-__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "THREADS",
-           "PositiveFloat", "PlotFile", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
+__all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "META_SEED",
+           "THREADS", "PositiveFloat", "PlotFile", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,11 +85,6 @@ class CLIState:
     debug: bool = False
 
 
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
 def _debug_requested() -> bool:
     ctx = click.get_current_context(silent=True)
     state = ctx.find_object(CLIState) if ctx is not None else None
@@ -124,7 +121,7 @@ def report_errors(func: F) -> F:
         except (KeyboardInterrupt, BrokenPipeError):  # click's main handles both
             raise
         except MPBackpropError as exc:
-            _fail(exc, _one_line(str(exc)) or type(exc).__name__, EXIT_BAD_INPUT)
+            _fail(exc, first_line(exc), EXIT_BAD_INPUT)
         except OSError as exc:
             _fail(exc, _os_error_line(exc), EXIT_BAD_INPUT)
         except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
@@ -135,13 +132,14 @@ def report_errors(func: F) -> F:
 
 
 def _os_error_line(exc: OSError) -> str:
-    """``<file>: <reason>``; a full disk names the file being written (see :func:`_file_being_written`)."""
-    if exc.errno == errno.ENOSPC:
+    """``<file>: <reason>``; a full disk (or quota) names the file being written (see
+    :func:`_file_being_written`)."""
+    if is_disk_full(exc):
         target = exc.filename or _file_being_written(exc)
         where = f" writing {target}" if target else ""
         return f"no space left on device{where}; free some space and rerun"
     where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-    return f"{where}{exc.strerror or _one_line(str(exc)) or type(exc).__name__}"
+    return f"{where}{exc.strerror or first_line(exc)}"
 
 
 def _file_being_written(exc: BaseException) -> Path | None:
@@ -160,8 +158,7 @@ def _file_being_written(exc: BaseException) -> Path | None:
 
 
 def _internal_error_line(exc: BaseException) -> str:
-    first = _one_line(str(exc))
-    return f"internal error ({type(exc).__name__}{': ' + first if first else ''}); rerun with --debug for the traceback"
+    return f"internal error ({first_line(exc, typed=True)}); rerun with --debug for the traceback"
 
 
 def _fail(exc: BaseException, message: str, code: int) -> None:
@@ -191,10 +188,10 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+            click.echo(f"Error: {first_line(exc.format_message())}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            click.echo(f"Error: {first_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("Aborted!", err=True)
@@ -249,9 +246,11 @@ class IntBetween(click.ParamType):
 
 #: The global ``--seed`` (also ``MPBACKPROP_SEED``): what ``torch.manual_seed`` and the seeded
 #: task and feedback streams accept, with room for the offsets added to it.
-SEED = IntBetween(0, 2**63 - 1, "0 <= seed < 2**63")
-#: ``--threads`` of the commands that set torch's intra-op threads (more than 256 only stalls).
-THREADS = IntBetween(1, 256, "1 <= threads <= 256")
+SEED = IntBetween(0, MAX_SEED, "0 <= seed < 2**63")
+#: ``meta-train --seed`` (and the global ``--seed`` when meta-train takes it): ``MetaConfig``'s bound.
+META_SEED = IntBetween(0, MAX_META_SEED, "0 <= seed < 2**32")
+#: ``--threads`` of the commands that set torch's intra-op threads (more only stalls).
+THREADS = IntBetween(1, MAX_THREADS, f"1 <= threads <= {MAX_THREADS}")
 
 
 class PositiveFloat(click.ParamType):
@@ -323,7 +322,7 @@ def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
 # ----------------------------------------------------------------------------- group
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", "-V", prog_name="mpbackprop")
-@click.option("--seed", type=SEED, default=0, help="Seed for torch.manual_seed before anything runs (0 <= seed < 2**63).")
+@click.option("--seed", type=SEED, default=0, help=f"Seed for torch.manual_seed before anything runs ({SEED.allowed}).")
 @click.option("--debug", is_flag=True, default=False, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, seed: int, debug: bool) -> None:
@@ -522,7 +521,7 @@ def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
 @click.option("--json", "as_json", envvar="MPBACKPROP_INSPECT_JSON", is_flag=True, default=False,
               help="Print CompiledNetwork.summary() as strict JSON (num_nodes, num_edges, frozen_params, "
                    "layers, ...).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.png",
+@click.option("--plot", type=PlotFile(), default=None, metavar="FILE.png|.pdf|.svg",
               help="Also draw the network (neurons in columns by layer, weights as coloured edges).")
 @click.option("--max-nodes", type=click.IntRange(min=1), default=400,
               help="Refuse to --plot networks with more neurons than this.")
@@ -605,7 +604,7 @@ def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...
         verdict = "OK" if report.ok else "FAILED"
         click.echo(f"{verdict}: max abs error {report.max_abs_err:.3e}, max relative error {report.max_rel_err:.3e}")
     if not report.ok:
-        _exit(1)
+        _exit(EXIT_FAILED)
 
 
 # ------------------------------------------------------------------------ meta-train
@@ -624,47 +623,79 @@ def _range_param(ctx: click.Context | None, param: click.Parameter | None, text:
     return values[0], values[1]
 
 
-class _PositiveFloat(click.ParamType):
-    """A finite number > 0 (``float`` alone lets ``nan``, ``inf`` and negatives through)."""
-
-    name = "FLOAT"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        import math
-
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not (math.isfinite(number) and number > 0):
-            self.fail(f"{value!r}: expected a finite number > 0", param, ctx)
-        return number
+#: The default recipe: what ``meta-train`` runs without options. Its help is made from it, so the
+#: defaults it shows are the ones that run.
+_RECIPE = MetaConfig()
 
 
-_MAX_THREADS = 256
-_MAX_SEED = 2**32 - 1  # MetaConfig's bound (mpbackprop.metatrain.config.MAX_SEED), kept here to avoid importing torch
+def _recipe(name: str) -> str:
+    """A field of the default recipe as a flag writes it (``100,2500`` for a range)."""
+    value = getattr(_RECIPE, name)
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
-@main.command("meta-train", short_help="Meta-train a learned rule on a task family.")
+def _default(name: str) -> str:
+    return f"[default: {_recipe(name)}]"
+
+
+def _times(values: tuple[int, ...]) -> str:
+    return ", ".join(str(v) for v in values[:-1]) + f" and {values[-1]}" if len(values) > 1 else str(values[0])
+
+
+_META_TRAIN_HELP = f"""\
+Meta-train the learned backward + update rule (method.md §4).
+
+With no options: the default recipe (MetaConfig): family {_RECIPE.family}, estimator {_RECIPE.estimator},
+{_RECIPE.outer_steps} outer steps of {_RECIPE.tasks_per_step} tasks, each task's horizon T drawn
+log-uniformly from {_RECIPE.unroll[0]} to {_RECIPE.unroll[1]} inner steps and run {_RECIPE.truncation} steps
+per outer step, the {_RECIPE.update_rule} update. The options' defaults are the recipe's; with --resume, the
+run's own. Writes config.json, rule.pt (latest), best.pt (best on the meta-validation tasks: the mean over
+{_times(_RECIPE.eval_multiples)} x {_RECIPE.eval_horizon} steps of the mean log validation loss, each run
+told its length), state.pt, metrics.jsonl and meta_loss.png to the run directory, which one run at a time
+may use (.lock). An --out that already holds a run needs --resume or --overwrite. Ctrl-C or SIGTERM
+finishes the current outer step, saves it and exits 130 (a second one, a second later or more, exits at
+once, keeping the last checkpoint); --resume then continues exactly.
+
+Seed: --seed here, else the global `mpbackprop --seed`, else the --config file's, else {_RECIPE.seed}.
+"""
+
+
+def _global_seed_for_meta_train(parent: click.Context) -> int:
+    """The global ``--seed``, which meta-train takes when it has no ``--seed`` of its own: refused
+    when it is beyond :data:`META_SEED`'s bound (the global one allows more)."""
+    seed = int(parent.params["seed"])
+    if seed > META_SEED.hi:
+        source = " (from MPBACKPROP_SEED)" if parent.get_parameter_source("seed") \
+            is click.core.ParameterSource.ENVIRONMENT else ""
+        raise CLIError(f"the global --seed {seed}{source} is out of range for meta-train; allowed: "
+                       f"{META_SEED.allowed} (meta-train's own --seed wins over it)")
+    return seed
+
+
+@main.command("meta-train", help=_META_TRAIN_HELP, short_help="Meta-train a learned rule on a task family.")
 @click.option("--config", "config_path", type=_EXISTING_FILE, default=None,
               help="JSON file of MetaConfig fields; flags given on the command line win.")
-@click.option("--family", default=None, help="Task family: digits-mlp, tabular-mlp, synthetic, mixed, digits-conv.")
+@click.option("--family", default=None, help=f"Task family: {', '.join(FAMILIES)} {_default('family')}.")
 @click.option("--estimator", type=click.Choice(["tbptt", "es", "pes"]), default=None,
-              help="Meta-gradient estimator [default: tbptt].")
-@click.option("--outer-steps", type=click.IntRange(min=0), default=None, help="Outer steps [default: 250].")
-@click.option("--unroll", default=None, metavar="T|LO,HI", callback=_range_param, help="Inner horizon, or a range sampled log-uniformly.")
+              help=f"Meta-gradient estimator {_default('estimator')}.")
+@click.option("--outer-steps", type=click.IntRange(min=0), default=None, help=f"Outer steps {_default('outer_steps')}.")
+@click.option("--unroll", default=None, metavar="T|LO,HI", callback=_range_param,
+              help=f"Inner horizon, or a range sampled log-uniformly {_default('unroll')}.")
 @click.option("--truncation", type=click.IntRange(min=1), default=None,
-              help="Inner steps per truncation K (at most the longest unroll).")
-@click.option("--tasks-per-step", type=click.IntRange(min=1), default=None, help="Tasks averaged per outer step.")
+              help=f"Inner steps per truncation K (at most the longest unroll) {_default('truncation')}.")
+@click.option("--tasks-per-step", type=click.IntRange(min=1), default=None,
+              help=f"Tasks averaged per outer step {_default('tasks_per_step')}.")
 @click.option("--objective", type=click.Choice(["mean", "final", "mixed"]), default=None,
-              help="Weights of the validation loss over the unroll.")
+              help=f"Weights of the validation loss over the unroll {_default('objective')}.")
 @click.option("--backward-init", type=click.Choice(["backprop", "feedback"]), default=None,
-              help="Start the learned backward at exact backprop or at feedback alignment.")
+              help=f"Start the learned backward at exact backprop or at feedback alignment {_default('backward_init')}.")
 @click.option("--update-init", type=click.Choice(["adam", "scratch"]), default=None,
-              help="Start the learned update at Adam or from scratch.")
-@click.option("--meta-lr", type=_PositiveFloat(), default=None, help="Outer Adam learning rate (a finite number > 0).")
-@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=None,
-              help="Seed of the run [default: the global --seed if given, else the config's, else 0].")
+              help=f"Start the learned update at Adam or from scratch {_default('update_init')}.")
+@click.option("--meta-lr", type=PositiveFloat(), default=None,
+              help=f"Outer Adam learning rate, a finite number > 0 {_default('meta_lr')}.")
+@click.option("--seed", type=META_SEED, default=None,
+              help=f"Seed of the run, {META_SEED.allowed} [default: the global --seed if given, else the config's, "
+                   f"else {_RECIPE.seed}].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory [default: runs/<family>-<estimator>-s<seed>].")
 @click.option("--resume", is_flag=True, default=False,
@@ -672,8 +703,8 @@ _MAX_SEED = 2**32 - 1  # MetaConfig's bound (mpbackprop.metatrain.config.MAX_SEE
                    "--threads, --progress and --tensorboard may differ).")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Start anew in an --out that holds a run (removes its checkpoints and metrics).")
-@click.option("--threads", type=click.IntRange(1, _MAX_THREADS), default=1,
-              help=f"torch threads, 1..{_MAX_THREADS} (tiny target networks run fastest on one).")
+@click.option("--threads", type=THREADS, default=1,
+              help=f"torch threads, {THREADS.allowed} (tiny target networks run fastest on one).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the metrics as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
@@ -681,43 +712,36 @@ _MAX_SEED = 2**32 - 1  # MetaConfig's bound (mpbackprop.metatrain.config.MAX_SEE
 @report_errors
 def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | None, resume: bool, overwrite: bool,
                    threads: int, progress: bool, tb_dir: Path | None, **flags: Any) -> None:
-    """Meta-train the learned backward + update rule (method.md §4).
-
-    With no options: the embedded default (digits-mlp, truncated backprop). Writes config.json,
-    rule.pt (latest), best.pt (best on meta-validation tasks), state.pt, metrics.jsonl and
-    meta_loss.png to the run directory, which one run at a time may use (.lock). An --out that
-    already holds a run needs --resume or --overwrite. Ctrl-C or SIGTERM finishes the current
-    outer step, saves it and exits 130 (a second one, a second later or more, exits at once,
-    keeping the last checkpoint); --resume then continues exactly.
-
-    Seed: --seed here, else the global `mpbackprop --seed`, else the --config file's, else 0.
-    """
     import torch
 
-    from .metatrain import MetaConfig, MetaTrainer
+    from .metatrain import MetaTrainer
+    from .metatrain.distributed import from_environment
 
     torch.set_num_threads(threads)
-    try:  # the settings asked for: the config file's, then the flags given
-        asked: dict[str, Any] = json.loads(config_path.read_text()) if config_path else {}
-        base = MetaConfig.from_json(asked) if config_path else MetaConfig()
-    except (ValueError, TypeError) as exc:  # JSON syntax, unknown keys, bad values
-        raise CLIError(f"{config_path}: not a valid meta-training config ({_one_line(str(exc))})") from None
     parent = ctx.parent
     if (flags["seed"] is None and parent is not None
             and parent.get_parameter_source("seed") not in (None, click.core.ParameterSource.DEFAULT)):
-        flags["seed"] = parent.params["seed"]
+        flags["seed"] = _global_seed_for_meta_train(parent)
     flags = {k: v for k, v in flags.items() if v is not None}
-    try:
-        cfg = base.replace(**flags)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    from .metatrain.distributed import from_environment
-
-    out = out or Path("runs") / f"{cfg.family}-{cfg.estimator}-s{cfg.seed}"
+    try:  # the settings asked for: the config file's, then the flags given
+        asked: dict[str, Any] = MetaConfig.fields_of(json.loads(config_path.read_text())) if config_path else {}
+        # --resume checks what is asked against the run's own config.json only (in MetaTrainer)
+        base = None if resume else MetaConfig.from_json(asked)
+    except (ValueError, TypeError) as exc:  # JSON syntax, unknown keys, bad values
+        raise CLIError(f"{config_path}: not a valid meta-training config ({first_line(exc)})") from None
+    cfg: MetaConfig | None = None
+    if base is not None:
+        try:
+            cfg = base.replace(**flags)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    if out is None:
+        named = cfg.to_json() if cfg is not None else {**_RECIPE.to_json(), **asked, **flags}
+        out = Path("runs") / f"{named['family']}-{named['estimator']}-s{named['seed']}"
     workers = from_environment()  # torchrun sets WORLD_SIZE/RANK; a plain run is one worker
     try:
-        trainer = MetaTrainer({**asked, **flags} if resume else cfg, out, resume=resume, workers=workers,
-                              overwrite=overwrite, notify=lambda note: click.echo(f"note: {note}", err=True))
+        trainer = MetaTrainer({**asked, **flags} if cfg is None else cfg, out, resume=resume, workers=workers,
+                              overwrite=overwrite)
         cfg = trainer.cfg
         if workers.is_writer:
             click.echo(f"meta-training {cfg.family} with {cfg.estimator}: {cfg.outer_steps} outer steps, "
@@ -748,7 +772,7 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
             click.echo(f"interrupted ({summary.signal}): finished and saved step {summary.steps}; {resume_hint}",
                        err=True)
     if summary.interrupted:
-        _exit(130)
+        _exit(EXIT_INTERRUPTED)
 
 
 
@@ -842,7 +866,7 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
             tb.evaluation(s, results)
         tb.close()
     if as_json:
-        click.echo(strict_json.dumps(doc, indent=2))
+        click.echo(dumps(doc, indent=2))
     else:
         for s, rep in reports.items():
             click.echo(f"== suite {s} (rule {path}, T={steps}, {seeds} seeds)")
@@ -852,14 +876,14 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
         click.echo(f"results in {out}/", err=True)
     if interrupted:
         click.echo("interrupted: the finished tasks are saved" if out else "interrupted", err=True)
-        _exit(130)
+        _exit(EXIT_INTERRUPTED)
 
 
 def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int, seeds: int) -> None:
     from . import evaluation as ev
 
     doc = {"rule": str(rule_path), "steps": steps, "seeds": seeds, "suites": reports}
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(strict_json.dumps(doc, indent=2)))
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(dumps(doc, indent=2)))
     text = []
     for s, rep in reports.items():
         text.append(f"== suite {s}")
@@ -906,7 +930,7 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str, steps: int, message_
     seed = ctx.find_object(CLIState).seed if ctx.find_object(CLIState) else 0
     doc = analysis.report(rule, spec, steps, seed, out, None if message_step is None else message_step - 1, adam_lr)
     if as_json:
-        click.echo(strict_json.dumps(doc, indent=1))
+        click.echo(dumps(doc, indent=1))
     else:
         for r in doc["rules"]:
             click.echo(f"{r['rule']}: validation loss {r['val_loss'][-1]:.4f} after {steps} steps "

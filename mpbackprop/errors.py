@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+__all__ = ["MPBackpropError", "ModelFileError", "UnsupportedOpError", "ShapeError", "GraphFileError", "first_line"]
+
+
+def first_line(what: BaseException | str, typed: bool = False) -> str:
+    """The first non-blank line of a message, stripped: what a one-line refusal shows of it.
+
+    For an exception, the first line of its message, or its class name when it has none; with
+    ``typed``, the class name in front (``ValueError: ...``). For a string, ``""`` when it is blank.
+    """
+    line = next((ln.strip() for ln in str(what).splitlines() if ln.strip()), "")
+    if not isinstance(what, BaseException):
+        return line
+    name = type(what).__name__
+    if typed:
+        return f"{name}: {line}" if line else name
+    return line or name
+
 
 class MPBackpropError(Exception):
     """Base class of every error mpbackprop raises on purpose."""

@@ -104,7 +104,7 @@ def networkx_for_export(net: CompiledNetwork, model_path: str = "") -> Any:
         "dtype": _dtype_name(net),
         "input_shape": ",".join(str(s) for s in net.input_shape),
         "output_layer": int(net.output_layer),
-        "metadata": json.dumps(net.metadata()),
+        "metadata": dumps(net.metadata()),
     })
     return G
 

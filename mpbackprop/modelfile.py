@@ -39,7 +39,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import ModelFileError
+from .errors import ModelFileError, first_line
 
 __all__ = ["load_model", "model_output_to_stderr", "parse_shape", "run_model_file"]
 
@@ -53,12 +53,6 @@ def model_output_to_stderr() -> Iterator[None]:
     """Send ``print`` output (``sys.stdout``) to ``sys.stderr`` while user model code runs."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def _where(path: Path, display: str, exc: BaseException, fallback: int | None = None) -> str:
@@ -178,7 +172,7 @@ def run_model_file(path: str | Path) -> types.ModuleType:
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise ModelFileError(
-            f"{_where(path, display, exc)}: {_first_line(exc)} (raised while running the model file)"
+            f"{_where(path, display, exc)}: {first_line(exc, typed=True)} (raised while running the model file)"
         ) from exc
     finally:
         try:
@@ -233,7 +227,7 @@ def _resolve(module: types.ModuleType, path: Path, display: str, attr: str | Non
             built = obj()
     except (Exception, SystemExit) as exc:
         where = _where(path, display, exc, fallback=getattr(code, "co_firstlineno", None))
-        raise ModelFileError(f"{where}: {key}() raised {_first_line(exc)}") from exc
+        raise ModelFileError(f"{where}: {key}() raised {first_line(exc, typed=True)}") from exc
     if not isinstance(built, nn.Module):
         raise ModelFileError(
             f"{display}: {key}() returned a {type(built).__name__}, not a torch.nn.Module"

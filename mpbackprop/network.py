@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._io import atomic_write
+from ._json import dumps
 from ._quiet import dgl, ops
 from .compiler import check_input_shape, trace_module
 from .errors import GraphFileError, ShapeError
@@ -314,7 +315,7 @@ class CompiledNetwork:
         the new one.
         """
         path = Path(path)
-        meta = json.dumps(self.metadata()).encode()
+        meta = dumps(self.metadata()).encode()
         labels = {"__mpbackprop__": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
 
         def write(tmp: str) -> None:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-#: Exit status of a refusal of bad input.
-BAD_INPUT = 2
+from mpbackprop.cli import EXIT_BAD_INPUT as BAD_INPUT  # the exit status of a refusal of bad input
+
+__all__ = ["BAD_INPUT", "Case"]
 
 
 @dataclass

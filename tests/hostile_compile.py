@@ -35,14 +35,19 @@ def _verify(name: str, *extra: str) -> list[str]:
     return ["verify", f"{{tmp}}/{name}", *extra]
 
 
-def _export_then_damage(tmp: Path) -> None:
-    """A JSON export of a small network with its layer records renamed away."""
+def _export(tmp: Path) -> Path:
+    """A JSON export of a small network, ``{tmp}/g.json``."""
     import torch.nn as nn
 
     import mpbackprop as mp
     from mpbackprop.exports import write_json
 
-    path = write_json(mp.compile(nn.Sequential(nn.Linear(3, 2)), (3,)), tmp / "g.json")
+    return write_json(mp.compile(nn.Sequential(nn.Linear(3, 2)), (3,)), tmp / "g.json")
+
+
+def _export_then_damage(tmp: Path) -> None:
+    """A JSON export of a small network with its layer records renamed away."""
+    path = _export(tmp)
     path.write_text(path.read_text().replace('"layers"', '"layerz"'))
 
 
@@ -106,6 +111,11 @@ CASES: list[Case] = [
          files={"g.json": '{"nodes": {"neuron": 3}}'}),
     Case("inspect-damaged-json-export", ["inspect", "{tmp}/g.json", "--json"], BAD_INPUT,
          "an mpbackprop JSON export, but damaged", setup=_export_then_damage),
+    # inspect --plot into a file that is no picture (matplotlib's ValueError: exit 70 before)
+    Case("inspect-plot-txt", ["inspect", "{tmp}/g.json", "--plot", "{tmp}/x.txt"], BAD_INPUT,
+         "x.txt: cannot draw into a .txt file; use a name ending in .png, .pdf or .svg", setup=_export),
+    Case("inspect-plot-no-suffix", ["inspect", "{tmp}/g.json", "--plot", "{tmp}/net"], BAD_INPUT,
+         "cannot draw into a file without a suffix", setup=_export),
     Case("inspect-foreign-graphml", ["inspect", "{tmp}/g.graphml"], BAD_INPUT, "a GraphML file, but not a graph",
          files={"g.graphml": '<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">'
                              '<graph edgedefault="directed"><node id="a"/></graph></graphml>'}),

@@ -70,6 +70,24 @@ def _state(content: Callable[[Path], None]) -> Callable[[Path], None]:
     return setup
 
 
+def _wider_rule_state(run: Path) -> None:
+    """state.pt with the backward rule's tensors of a run with hidden 8 (the run's config says 4)."""
+    import torch
+
+    from mpbackprop.rules import LearnedBackward
+
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["rule"] = LearnedBackward(state_dim=1, hidden=8).state_dict()
+    torch.save(state, run / "state.pt")
+
+
+def _saved(field: str) -> str:
+    """How a refusal of --resume shows the tiny run's saved value of a field it leaves at the default."""
+    from mpbackprop.metatrain import MetaConfig
+
+    return json.dumps(getattr(MetaConfig(), field))
+
+
 def _torch_save(obj: Any) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         import torch
@@ -101,7 +119,7 @@ CASES: list[Case] = [
     # --- resume keeps the run's settings
     Case("runs-resume-changed-flags", _meta_train("--out", "{tmp}/run", "--resume", "--meta-lr", "0.5",
                                                   "--truncation", "2"), BAD_INPUT,
-         "meta_lr=0.5 (saved: 0.003)", setup=_run_copy()),
+         f"meta_lr=0.5 (saved: {_saved('meta_lr')})", setup=_run_copy()),
     Case("runs-resume-changed-seed", _meta_train("--out", "{tmp}/run", "--resume", "--seed", "9"), BAD_INPUT,
          "seed=9 (saved: 0)", setup=_run_copy()),
     Case("runs-resume-changed-global-seed", ["--seed", "4", *_meta_train("--out", "{tmp}/run", "--resume")], BAD_INPUT,
@@ -124,18 +142,27 @@ CASES: list[Case] = [
          setup=_state(_torch_save(argparse.Namespace(step=3)))),
     Case("runs-resume-foreign-state", _meta_train("--out", "{tmp}/run", "--resume"), BAD_INPUT,
          "not a meta-training state (a torch file of another kind)", setup=_state(_torch_save({"step": 3}))),
+    Case("runs-resume-state-of-another-width", _meta_train("--out", "{tmp}/run", "--resume", "--outer-steps", "3"),
+         BAD_INPUT, "its rule state does not fit the run's config.json: coef_mlp.0.weight has shape [8, 4], the config "
+                    "needs [4, 4]; coef_mlp.0.bias has shape [8]", setup=_run_copy(_wider_rule_state)),
     # --- flags
-    Case("runs-meta-lr-negative", _meta_train("--meta-lr", "-1"), BAD_INPUT, "expected a finite number > 0"),
-    Case("runs-meta-lr-nan", _meta_train("--meta-lr", "nan"), BAD_INPUT, "expected a finite number > 0"),
-    Case("runs-meta-lr-inf", _meta_train("--meta-lr", "inf"), BAD_INPUT, "expected a finite number > 0"),
+    Case("runs-meta-lr-negative", _meta_train("--meta-lr", "-1"), BAD_INPUT, "-1 is not allowed; give a finite number > 0"),
+    Case("runs-meta-lr-nan", _meta_train("--meta-lr", "nan"), BAD_INPUT, "give a finite number > 0"),
+    Case("runs-meta-lr-inf", _meta_train("--meta-lr", "inf"), BAD_INPUT, "give a finite number > 0"),
     Case("runs-meta-lr-word", _meta_train("--meta-lr", "fast"), BAD_INPUT, "'fast' is not a number"),
-    Case("runs-threads-huge", _meta_train("--threads", "100000"), BAD_INPUT, "1<=x<=256"),
-    Case("runs-threads-zero", _meta_train("--threads", "0"), BAD_INPUT, "1<=x<=256"),
-    Case("runs-seed-negative", _meta_train("--seed", "-1"), BAD_INPUT, "0<=x<=4294967295"),
+    Case("runs-threads-huge", _meta_train("--threads", "100000"), BAD_INPUT, "1 <= threads <= 256"),
+    Case("runs-threads-zero", _meta_train("--threads", "0"), BAD_INPUT, "1 <= threads <= 256"),
+    Case("runs-threads-env", _meta_train(), BAD_INPUT, "1 <= threads <= 256 (from MPBACKPROP_META_TRAIN_THREADS)",
+         env={"MPBACKPROP_META_TRAIN_THREADS": "0"}),
+    Case("runs-seed-negative", _meta_train("--seed", "-1"), BAD_INPUT, "'--seed': -1 is out of range; allowed: 0 <= seed < 2**32"),
+    Case("runs-seed-2**32", _meta_train("--seed", str(2**32)), BAD_INPUT, "allowed: 0 <= seed < 2**32"),
     Case("runs-global-seed-out-of-range", ["--seed", "-3", *_meta_train()], BAD_INPUT,
          "'--seed': -3 is out of range; allowed: 0 <= seed < 2**63"),
     Case("runs-global-seed-beyond-meta-train", ["--seed", str(2**40), *_meta_train()], BAD_INPUT,
-         f"seed must be an integer in 0..4294967295 (got {2**40})"),
+         f"the global --seed {2**40} is out of range for meta-train; allowed: 0 <= seed < 2**32"),
+    Case("runs-global-seed-env-beyond-meta-train", _meta_train(), BAD_INPUT,
+         f"the global --seed {2**40} (from MPBACKPROP_SEED) is out of range for meta-train",
+         env={"MPBACKPROP_SEED": str(2**40)}),
     Case("runs-truncation-beyond-unroll", _meta_train("--unroll", "10", "--truncation", "50"), BAD_INPUT,
          "truncation must not exceed the longest unroll (got 50 > 10"),
     Case("runs-default-truncation-beyond-unroll", _meta_train("--unroll", "5,8"), BAD_INPUT,

@@ -206,13 +206,29 @@ def test_resume_refuses_changed_settings_and_accepts_the_saved_ones(tmp_path, re
     with pytest.raises(RunDirectoryError) as info:
         MetaTrainer({"meta_lr": 0.5, "truncation": 3, "eval_tasks": 2}, tmp_path, resume=True, notify=_quiet)
     message = str(info.value)
-    assert "meta_lr=0.5 (saved: 0.003)" in message and "eval_tasks=2 (saved: 1)" in message
+    assert f"meta_lr=0.5 (saved: {CFG.meta_lr})" in message and "eval_tasks=2 (saved: 1)" in message
     assert "truncation" not in message.split(";")[0]  # equal to the saved value: fine
     assert "--outer-steps, --threads, --progress and --tensorboard may change" in message
     trainer = MetaTrainer({"truncation": 3, "outer_steps": 5, "seed": 0}, tmp_path, resume=True, notify=_quiet)
     assert trainer.cfg == CFG
     trainer.run(progress=False)
     assert_same_run(tmp_path, reference)
+
+
+def test_resume_compares_the_flags_with_the_saved_run_not_with_the_defaults(tmp_path, reference):
+    """--unroll 6,10 alone would be refused against the default truncation (20 > 10); on --resume it
+    is compared with the run's config.json only, where it is the saved value."""
+    MetaTrainer(CFG.replace(outer_steps=3), tmp_path, notify=_quiet).run(progress=False)
+    with pytest.raises(ValueError, match="truncation must not exceed"):
+        MetaConfig().replace(unroll=CFG.unroll)  # what the flags were checked against before
+    res = CliRunner().invoke(main, ["meta-train", "--out", str(tmp_path), "--resume", "--unroll", "6,10",
+                                    "--outer-steps", "5", "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert_same_run(tmp_path, reference)
+    res = CliRunner().invoke(main, ["meta-train", "--out", str(tmp_path), "--resume", "--unroll", "5,8",
+                                    "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 2
+    assert "unroll=[5, 8] (saved: [6, 10])" in res.stderr and "truncation" not in res.stderr, res.stderr
 
 
 def test_a_bad_state_file_never_suggests_unsafe_loading(tmp_path):
@@ -359,8 +375,15 @@ def test_seed_precedence(tmp_path, global_seed, flag_seed, config_seed, expected
     assert f"seed {expected}" in res.stderr
 
 
-def test_the_seed_flag_has_the_configs_bound():
+def test_the_seed_options_have_the_configs_bound(tmp_path):
     from mpbackprop import cli
-    from mpbackprop.metatrain import config
 
-    assert cli._MAX_SEED == config.MAX_SEED
+    top = cli.META_SEED.hi
+    assert MetaConfig(**{**TINY, "seed": top}).seed == top
+    with pytest.raises(ValueError, match=rf"^seed must be an integer in 0\.\.{top} "):
+        MetaConfig(**{**TINY, "seed": top + 1})
+    assert cli.SEED.hi > top  # the global --seed allows more: meta-train refuses it, naming it
+    res = CliRunner().invoke(main, ["--seed", str(top + 1), "meta-train", "--outer-steps", "0", "--out",
+                                    str(tmp_path / "run"), "--no-progress"])
+    assert res.exit_code == 2
+    assert f"Error: the global --seed {top + 1} is out of range for meta-train" in res.stderr, res.stderr

@@ -8,11 +8,11 @@ rule file; it is also written beside it as ``default_rule.json`` for people and 
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
+from mpbackprop._json import dumps
 from mpbackprop.rules import load_rule
 
 DATA = Path(__file__).resolve().parents[1] / "mpbackprop" / "data"
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     _, _, meta = load_rule(src)  # refuses anything that is not a rule file
     DATA.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, DATA / "default_rule.pt")
-    (DATA / "default_rule.json").write_text(json.dumps({"source": str(src), **meta}, indent=2) + "\n")
+    (DATA / "default_rule.json").write_text(dumps({"source": str(src), **meta}, indent=2) + "\n")
     print(f"shipped {src} (step {meta.get('step')}, commit {meta.get('commit')}) -> {DATA / 'default_rule.pt'}")
     return 0
 

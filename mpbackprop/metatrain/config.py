@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._json import dumps
+from ..limits import MAX_META_SEED, SIZE_LIMITS
 
 __all__ = ["MetaConfig"]
-
-#: Largest seed (the seeds of the task slots' noise streams are derived from it).
-MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -53,9 +51,10 @@ class MetaConfig:
         correction, a step size scheduled over the run's stated length) or ``learned``
         (:class:`~mpbackprop.rules.LearnedUpdate`, the design of rules before it; ``update_init``,
         ``update_layers``, ``features`` and ``weight_input`` apply to it).
-    correction, weight_decay, horizon_exponent : float, bool, bool
+    correction, weight_decay, horizon_exponent, horizon_init : float, bool, bool, float
         Bound of the ``scheduled`` update's learned correction; whether it learns a decoupled weight decay;
-        whether it learns the exponent of its step size in the stated horizon.
+        whether it learns the exponent ``b`` of its peak step size in the stated horizon
+        (``update_lr·(T/100)^{-b}``), and where ``b`` starts.
     start_offsets : bool
         Start each task slot's first inner run at a random step of its horizon (run there with the
         initial rule, without gradients), so the slots are out of phase from the first outer step.
@@ -86,10 +85,11 @@ class MetaConfig:
     update_rule: str = "scheduled"
     correction: float = 0.5
     weight_decay: bool = False
-    horizon_exponent: bool = False
+    horizon_exponent: bool = True
+    horizon_init: float = 0.6
     start_offsets: bool = True
     eval_multiples: tuple[int, ...] = (1, 10, 25)
-    update_lr: float = 1e-2
+    update_lr: float = 2e-2
     es_sigma: float = 0.01
     es_pairs: int = 4
     val_examples: int = 256
@@ -120,18 +120,20 @@ class MetaConfig:
         return dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MetaConfig":
+    def fields_of(cls, data: Any) -> dict[str, Any]:
+        """``data`` if it is a JSON object whose keys are all config fields (its values are checked
+        when a config is made of them), else ``ValueError``."""
         if not isinstance(data, dict):
             raise ValueError(f"a config is a JSON object of MetaConfig fields (got a {type(data).__name__})")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return data
 
     @classmethod
-    def load(cls, path: str | Path) -> "MetaConfig":
-        return cls.from_json(json.loads(Path(path).read_text()))
+    def from_json(cls, data: dict[str, Any]) -> "MetaConfig":
+        return cls(**cls.fields_of(data))
 
     @classmethod
     def load_run(cls, path: str | Path) -> "MetaConfig":
@@ -214,9 +216,13 @@ def _multiples(v: Any) -> tuple[int, ...]:
     return tuple(_integer(1, 1000)[0](x) for x in v)
 
 
+def _size(kind: str) -> tuple[Check, str]:
+    """The bounds of the learned rules' sizes of this kind (:data:`mpbackprop.limits.SIZE_LIMITS`)."""
+    return _integer(*SIZE_LIMITS[kind])
+
+
 _AT_LEAST_1 = _integer(1)
 _POSITIVE = _number(lambda v: v > 0, "a finite number > 0")
-_WIDTH = _integer(1, 1024)  # the rule files' limits (rules.learned.SIZE_LIMITS)
 _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "family": (_family, lambda: "one of " + ", ".join(_families())),
     "estimator": _choice("tbptt", "es", "pes"),
@@ -228,10 +234,10 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "final_weight": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "meta_lr": _POSITIVE,
     "clip_norm": _POSITIVE,
-    "state_dim": _integer(1, 8),
-    "hidden": _WIDTH,
-    "update_hidden": _WIDTH,
-    "update_layers": _integer(1, 16),
+    "state_dim": _size("state_dim"),
+    "hidden": _size("hidden"),
+    "update_hidden": _size("hidden"),
+    "update_layers": _size("layers"),
     "features": _choice("compact", "full"),
     "weight_input": (_flag, "true or false"),
     "backward_init": _choice("backprop", "feedback"),
@@ -240,6 +246,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "correction": _number(lambda v: 0 <= v <= 10, "a number in [0, 10]"),
     "weight_decay": (_flag, "true or false"),
     "horizon_exponent": (_flag, "true or false"),
+    "horizon_init": _number(lambda v: -1 < v < 1, "a number in (-1, 1)"),
     "start_offsets": (_flag, "true or false"),
     "eval_multiples": (_multiples, "a list of 1 to 8 integers in 1..1000 (multiples of eval_horizon)"),
     "update_lr": _POSITIVE,
@@ -251,7 +258,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "eval_horizon": _AT_LEAST_1,
     "checkpoint_every": _AT_LEAST_1,
     "diverge_factor": _number(lambda v: v > 1, "a finite number > 1, a multiple of the initial loss"),
-    "seed": _integer(0, MAX_SEED),
+    "seed": _integer(0, MAX_META_SEED),
 }
 assert set(_RULES) == {f.name for f in fields(MetaConfig)}, "every config field needs a rule"
 

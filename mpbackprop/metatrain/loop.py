@@ -39,18 +39,19 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .._io import atomic_torch_save, atomic_write
-from .._json import dump_line, sanitize
-from ..errors import GraphFileError
+from .._json import dump_line, finite_or_none, sanitize
+from ..errors import GraphFileError, first_line
 from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
+from ..rules.io import load_matching_state
 from ..tasks import TaskSpec, get_family
 from .config import MetaConfig
 from .distributed import WorkerFailure, Workers
 from .estimators import Estimator, make_estimator
-from .inner import get_task, unroll
+from .inner import unroll
 from .interrupts import StopRequests
 from .rundir import RunDirectoryError, RunLock, append_line, clear_run, disk_full_guard, holds_run, read_metrics
 
-__all__ = ["MetaTrainer", "meta_validate", "build_rules", "RunSummary"]
+__all__ = ["MetaTrainer", "meta_validate", "build_rules", "RunSummary", "print_note"]
 
 _STATE_FORMAT = "mpbackprop-metatrain-state"
 
@@ -64,7 +65,7 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     if cfg.update_rule == "scheduled":
         update = ScheduledUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, lr=cfg.update_lr,
                                  correction=cfg.correction, weight_decay=cfg.weight_decay,
-                                 horizon_exponent=cfg.horizon_exponent)
+                                 horizon_exponent=cfg.horizon_exponent, horizon_init=cfg.horizon_init)
     else:
         update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
                                features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,
@@ -127,8 +128,9 @@ class RunSummary:
 RESUMABLE = ("outer_steps",)
 
 
-def _note(message: str) -> None:
-    print(f"mpbackprop: {message}", file=sys.stderr)
+def print_note(message: str) -> None:
+    """Print a note of the run (not an error; the run goes on) as one line ``note: ...`` on stderr."""
+    print(f"note: {message}", file=sys.stderr)
 
 
 class MetaTrainer:
@@ -151,7 +153,7 @@ class MetaTrainer:
         Start a new run in a directory that holds one.
     notify : callable, optional
         Receives one-line notes (a dropped torn metrics line, a changed ``outer_steps``);
-        default: printed on stderr.
+        default: :func:`print_note`.
 
     The writing process holds the directory's lock from here to the end of :meth:`run`.
     """
@@ -162,7 +164,7 @@ class MetaTrainer:
         self.out = Path(out)
         self.workers = workers or Workers()
         self.is_writer = self.workers.is_writer
-        self.notify = notify or _note
+        self.notify = notify or print_note
         self.lock = RunLock(self.out)
         state_path = self.out / "state.pt"
         if resume and overwrite:
@@ -215,7 +217,7 @@ class MetaTrainer:
             except BaseException as exc:  # noqa: BLE001 - the other workers must hear of it
                 self.lock.release()
                 problem = exc
-        verdict = self.workers.broadcast(None if problem is None else str(problem).splitlines()[0])
+        verdict = self.workers.broadcast(None if problem is None else first_line(problem))
         if problem is not None:
             raise problem
         if verdict is not None:
@@ -227,13 +229,13 @@ class MetaTrainer:
         try:
             saved = MetaConfig.load_run(path)
         except (OSError, ValueError, TypeError) as exc:
-            raise GraphFileError(f"{path}: cannot resume with this config ({_first_line(exc)}); repair it, or "
+            raise GraphFileError(f"{path}: cannot resume with this config ({first_line(exc)}); repair it, or "
                                  "start a new run with --overwrite") from None
         requested = asked.to_json() if isinstance(asked, MetaConfig) else dict(asked)
         try:
             cfg = saved.replace(**requested)
         except (ValueError, TypeError) as exc:
-            raise RunDirectoryError(f"cannot resume {self.out}: {_first_line(exc)}") from None
+            raise RunDirectoryError(f"cannot resume {self.out}: {first_line(exc)}") from None
         old, new = saved.to_json(), cfg.to_json()
         changed = [f"{k}={json.dumps(new[k])} (saved: {json.dumps(old[k])})" for k in new
                    if k not in RESUMABLE and new[k] != old[k]]
@@ -287,7 +289,7 @@ class MetaTrainer:
 
     def _save_rule(self, name: str, meta: dict[str, Any]) -> None:
         with disk_full_guard(self.out / name, self.saved_step):
-            save_rule(self.out / name, self.rule, self.update, sanitize(meta))
+            save_rule(self.out / name, self.rule, self.update, meta)
 
     def _load_state(self, path: Path) -> None:
         what_to_do = "start a new run with --overwrite, or restore the run directory from a backup"
@@ -301,9 +303,13 @@ class MetaTrainer:
         if state.get("world_size") != self.workers.world_size:
             raise GraphFileError(f"{path}: cannot resume from this file (it was written by {state.get('world_size')} "
                                  f"workers, this run has {self.workers.world_size}; resume with the same number)")
+        for part, module in (("rule", self.rule), ("update", self.update)):
+            try:  # the check rule files get: every key and shape named, not torch's first line
+                load_matching_state(module, state.get(part))
+            except ValueError as exc:
+                raise GraphFileError(f"{path}: not a readable meta-training state (its {part} state does not fit the "
+                                     f"run's config.json: {exc}); {what_to_do}") from None
         try:
-            self.rule.load_state_dict(state["rule"])
-            self.update.load_state_dict(state["update"])
             self.opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
             self.estimator.load_state_dict(state["estimators"][self.workers.rank])
@@ -312,7 +318,7 @@ class MetaTrainer:
             self.best_score = float(state["best_score"])
         except Exception as exc:  # noqa: BLE001
             raise GraphFileError(f"{path}: not a readable meta-training state (it does not fit the run's "
-                                 f"config.json: {_first_line(exc)[:160]}); {what_to_do}") from None
+                                 f"config.json: {first_line(exc)[:160]}); {what_to_do}") from None
         self.saved_step = self.step
         rows, note = read_metrics(self.out / "metrics.jsonl")
         if note and self.is_writer:
@@ -331,7 +337,7 @@ class MetaTrainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        points = [(h["step"], h["meta_loss"]) for h in self.history if _finite(h.get("meta_loss"))]
+        points = [(h["step"], v) for h in self.history if (v := finite_or_none(h.get("meta_loss"))) is not None]
         steps, losses = [s for s, _ in points], [v for _, v in points]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(steps, losses, lw=0.8, alpha=0.5, label="meta-loss (train tasks)")
@@ -339,7 +345,7 @@ class MetaTrainer:
             k = max(len(losses) // 20, 5)
             smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
             ax.plot(steps, smooth, lw=2, label=f"running mean ({k})")
-        vs = [(h["step"], h["valid_log_loss_T"]) for h in self.history if _finite(h.get("valid_log_loss_T"))]
+        vs = [(h["step"], v) for h in self.history if (v := finite_or_none(h.get("valid_log_loss_T"))) is not None]
         if vs:
             ax.plot(*zip(*vs), "o-", color="C3", label="meta-validation log loss at T")
         ax.set_xlabel("outer step")
@@ -450,12 +456,3 @@ class MetaTrainer:
             self._log({"step": 0, "meta_loss": None, "grad_norm": None, "skipped": False,
                        "skipped_total": 0, "resets": 0, "finished": 0, "seconds": 0.0, **scores, "best": best})
         return {**scores, "best": best}
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -25,7 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import MPBackpropError
+from .._io import is_disk_full
+from ..errors import MPBackpropError, first_line
 
 __all__ = ["RUN_FILES", "RunDirectoryError", "DiskFullError", "RunLock", "holds_run", "clear_run", "read_metrics",
            "append_line", "disk_full_guard"]
@@ -120,7 +121,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
             if number == len(lines):  # no newline after it: a torn write
                 note = f"{path}: dropped its last line {number} (cut off when the run stopped)"
                 break
-            reason = str(exc).splitlines()[0] if str(exc) else "not JSON"
+            reason = first_line(str(exc)) or "not JSON"
             raise RunDirectoryError(f"{path}: line {number} is damaged ({reason}); repair or delete that line, "
                                     "or start the run anew with --overwrite") from None
         rows.append(row)
@@ -153,7 +154,7 @@ def disk_full_guard(path: Path, intact_step: int | None) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(exc):
             raise
         where = (f"the run is intact at step {intact_step} (continue with --resume once there is space)"
                  if intact_step is not None else "no checkpoint was written yet (start again once there is space)")

@@ -2,11 +2,12 @@
 
 Loading a rule file never executes code: the file holds only plain containers, strings,
 numbers and tensors. Nor can it exhaust memory: every size in a rule's configuration is checked
-against its limit (:data:`~mpbackprop.rules.learned.SIZE_LIMITS`: width <= 1024, <= 8 state
+against its limit (:data:`~mpbackprop.limits.SIZE_LIMITS`: width <= 1024, <= 8 state
 channels, <= 16 hidden layers; seeds 0 <= seed < 2**63; numbers finite) before anything is built,
 and the saved tensors must have exactly the shapes the configuration implies. A missing,
 corrupt, foreign or out-of-bounds file raises :class:`GraphFileError` with one line naming the
-file and what is wrong.
+file and what is wrong. The configuration and provenance strings are strict JSON
+(:mod:`mpbackprop._json`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from typing import Any
 import torch
 
 from .._io import atomic_torch_save
+from .._json import dumps
 from ..errors import GraphFileError
+from ..limits import MAX_SEED, SIZE_LIMITS
 from .base import BackwardRule, UpdateRule
 from .exact import Exact
 from .fa import FeedbackAlignment
-from .learned import SIZE_LIMITS, LearnedBackward, LearnedUpdate
+from .learned import LearnedBackward, LearnedUpdate
 from .optim import SGD, Adam
 from .scheduled import ScheduledUpdate
 
-__all__ = ["save_rule", "load_rule", "rule_path", "DEFAULT_RULE", "BACKWARD_RULES", "UPDATE_RULES", "make_backward", "make_update"]
+__all__ = ["save_rule", "load_rule", "rule_path", "DEFAULT_RULE", "BACKWARD_RULES", "UPDATE_RULES", "make_backward", "make_update",
+           "load_matching_state"]
 
 _FORMAT = "mpbackprop-rule"
 
@@ -36,7 +40,7 @@ _FORMAT = "mpbackprop-rule"
 _LEGACY = {("backward", "learned"): {"features": "full"}, ("update", "learned"): {"layers": 2, "features": "full"}}
 
 #: Inclusive bounds of the integers a rule configuration may hold (checked on load).
-_INT_LIMITS: dict[str, tuple[int, int]] = {**SIZE_LIMITS, "seed": (0, 2**63 - 1)}
+_INT_LIMITS: dict[str, tuple[int, int]] = {**SIZE_LIMITS, "seed": (0, MAX_SEED)}
 
 #: The rule shipped with the package (made by ``mpbackprop meta-train``; provenance beside it).
 DEFAULT_RULE = Path(__file__).resolve().parents[1] / "data" / "default_rule.pt"
@@ -71,11 +75,11 @@ def save_rule(path: str | os.PathLike, backward: BackwardRule, update: UpdateRul
     blob = {
         "format": _FORMAT,
         "version": 1,
-        "backward": {"name": backward.name, "config": json.dumps(backward.config())},
-        "update": {"name": update.name, "config": json.dumps(update.config())},
+        "backward": {"name": backward.name, "config": dumps(backward.config())},
+        "update": {"name": update.name, "config": dumps(update.config())},
         "backward_state": {k: v.detach().clone() for k, v in backward.state_dict().items()},
         "update_state": {k: v.detach().clone() for k, v in update.state_dict().items()},
-        "meta": json.dumps(meta or {}),
+        "meta": dumps(meta or {}),
     }
     return atomic_torch_save(blob, path)
 
@@ -157,7 +161,20 @@ def _load_state(path: Path, part: str, rule: Any, state: Any) -> None:
     """Load ``state`` into ``rule`` if it has exactly the keys and shapes of the rule's own state."""
     if not isinstance(state, dict):
         raise GraphFileError(f"{path}: rule file is damaged (no {part} state)")
-    expected = rule.state_dict()
+    try:
+        load_matching_state(rule, state)
+    except ValueError as exc:
+        raise GraphFileError(f"{path}: the {part} state does not match the {part} rule's config ({exc})") from None
+
+
+def load_matching_state(module: torch.nn.Module, state: Any) -> None:
+    """Load ``state`` into ``module`` if it has exactly the keys, shapes and finite values of the
+    module's own state; else raise ``ValueError`` with one line naming what differs (``w has shape
+    [3, 3], the config needs [4, 5]; missing b``), where ``load_state_dict`` would say only its first
+    line, or load what it should refuse. Shared by rule files and meta-training checkpoints."""
+    if not isinstance(state, dict):
+        raise ValueError(f"no state dict (a {type(state).__name__})")
+    expected = module.state_dict()
     problems = []
     for key, want in expected.items():
         if key not in state:
@@ -170,15 +187,14 @@ def _load_state(path: Path, part: str, rule: Any, state: Any) -> None:
         elif have.is_floating_point() and not bool(torch.isfinite(have).all()):
             problems.append(f"{key} holds values that are not finite")
     missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
+    unexpected = [str(key) for key in state if key not in expected]
     if missing:
         problems.append(f"missing {_some(missing)}")
     if unexpected:
         problems.append(f"unexpected {_some(unexpected)}")
     if problems:
-        raise GraphFileError(f"{path}: the {part} state does not match the {part} rule's config "
-                             f"({_some(problems, sep='; ')})")
-    rule.load_state_dict(state)
+        raise ValueError(_some(problems, sep="; "))
+    module.load_state_dict(state)
 
 
 def _some(items: list[str], shown: int = 4, sep: str = ", ") -> str:

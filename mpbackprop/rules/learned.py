@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..limits import SIZE_LIMITS  # the learned rules' size bounds (re-exported here)
 from .base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
 from .fa import feedback_weights
 
@@ -46,12 +47,6 @@ __all__ = ["LearnedBackward", "LearnedUpdate", "mlp", "SIZE_LIMITS"]
 
 _EPS = 1e-12
 
-#: Inclusive bounds of the learned rules' sizes, enforced by the constructors and checked by
-#: :func:`mpbackprop.rules.load_rule` before anything is built, so that a rule file of a few
-#: kilobytes cannot ask for gigabytes: the largest update MLP (16 hidden layers of width 1024)
-#: has 17M weights, 64 MB. The shipped rules use width 4 (``compact``) or 16 (``full``).
-SIZE_LIMITS: dict[str, tuple[int, int]] = {"state_dim": (1, 8), "signal_dim": (1, 8), "hidden": (1, 1024),
-                                           "layers": (1, 16)}
 
 
 def _check_sizes(**sizes: Any) -> None:

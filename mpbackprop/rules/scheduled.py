@@ -79,21 +79,24 @@ class ScheduledUpdate(UpdateRule):
     weight_decay : bool
         Add a learned decoupled weight decay (starting at ``λ = 1e-4``).
     horizon_exponent : bool
-        Learn the horizon exponent ``b``; if False it stays 0 (a buffer, not a meta-parameter), so the
-        peak step size does not depend on the stated length (the default: meta-training on a mean-over-
-        the-unroll objective pushed ``b`` towards larger steps for long runs).
+        Learn the horizon exponent ``b``; if False it stays at ``horizon_init`` (a buffer, not a
+        meta-parameter).
+    horizon_init : float
+        Initial ``b`` in (−1, 1): the peak step size at horizon ``T`` starts as ``lr·(T/T_0)^{-b}``.
     """
 
     name = "scheduled"
 
     def __init__(self, signal_dim: int = 1, hidden: int = 4, lr: float = 1e-2, correction: float = 0.5,
                  floor: float = 0.1, horizon_ref: int = 100, weight_decay: bool = False,
-                 horizon_exponent: bool = False) -> None:
+                 horizon_exponent: bool = False, horizon_init: float = 0.0) -> None:
         super().__init__()
         if not 0 < floor < 1:
             raise ValueError(f"floor must be in (0, 1), got {floor}")
         if not (lr > 0 and math.isfinite(lr)) or not (correction >= 0 and math.isfinite(correction)):
             raise ValueError(f"lr must be > 0 and correction >= 0 (finite), got lr={lr}, correction={correction}")
+        if not -1 < horizon_init < 1:
+            raise ValueError(f"horizon_init must be in (-1, 1), got {horizon_init}")
         if horizon_ref < 1 or signal_dim < 1 or hidden < 1:
             raise ValueError("horizon_ref, signal_dim and hidden must be >= 1")
         self.signal_dim = int(signal_dim)
@@ -104,11 +107,13 @@ class ScheduledUpdate(UpdateRule):
         self.horizon_ref = int(horizon_ref)
         self.weight_decay = bool(weight_decay)
         self.horizon_exponent_learned = bool(horizon_exponent)
+        self.horizon_init = float(horizon_init)
         self.log_lr_scale = nn.Parameter(torch.tensor(0.0))  # a
+        raw = torch.tensor(math.atanh(self.horizon_init))  # b = tanh(raw)
         if self.horizon_exponent_learned:
-            self.horizon_raw = nn.Parameter(torch.tensor(0.0))  # b = tanh(raw)
+            self.horizon_raw = nn.Parameter(raw)
         else:
-            self.register_buffer("horizon_raw", torch.tensor(0.0))
+            self.register_buffer("horizon_raw", raw)
         self.width_raw = nn.Parameter(torch.tensor(0.0))  # p = tanh(raw)
         self.floor_logit = nn.Parameter(torch.tensor(math.log(floor / (1 - floor))))  # f = σ(logit)
         if self.weight_decay:
@@ -119,7 +124,7 @@ class ScheduledUpdate(UpdateRule):
     def config(self) -> dict[str, Any]:
         return {"signal_dim": self.signal_dim, "hidden": self.hidden, "lr": self.lr, "correction": self.correction,
                 "floor": self.floor, "horizon_ref": self.horizon_ref, "weight_decay": self.weight_decay,
-                "horizon_exponent": self.horizon_exponent_learned}
+                "horizon_exponent": self.horizon_exponent_learned, "horizon_init": self.horizon_init}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         return {"m": theta.new_zeros(len(_DECAYS), theta.numel()), "v": torch.zeros_like(theta)}
