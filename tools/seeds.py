@@ -1,7 +1,7 @@
 """Judge a meta-training recipe over its seeds: choose on meta-validation, then report every seed.
 
-    python tools/seeds.py RUN_DIR [RUN_DIR ...] [--suites heldout,long] [--steps 100] [--seeds 5]
-        [--tasks 1] [--out results/seeds] [--readme README.md] [--ship]
+    python tools/seeds.py RUN_DIR [RUN_DIR ...] [--suites heldout,conv,long] [--steps 100] [--seeds 10]
+        [--tasks 3] [--long-seeds 5] [--long-tasks 1] [--out results/seeds] [--readme README.md] [--ship]
 
 1. **Choice, before any held-out number is computed**: every run's ``best.pt`` is scored again on one
    common set of meta-validation tasks (``--valid-tasks`` tasks of the runs' family, validation split,
@@ -62,14 +62,15 @@ def _group(spec_name: str, steps: int, base: int) -> str:
 def _evaluate(suite: str, rules: dict[str, tuple], args: argparse.Namespace) -> dict[str, dict]:
     """Per rule, the summary of ``suite``: baselines once (tuned, cached), the rule's runs per rule."""
     cache = Path(args.out) / "tuning"
-    tasks = ev.suite_tasks(suite, args.family, args.tasks, args.steps)
+    n_tasks, n_seeds = (args.long_tasks, args.long_seeds) if suite == "long" else (args.tasks, args.seeds)
+    tasks = ev.suite_tasks(suite, args.family, n_tasks, args.steps)
     say = (lambda m: print(f"  [{suite}] {m}", file=sys.stderr, flush=True))
     methods = ev.SUITE_METHODS.get(suite, BASELINES + ("learned",))
-    base = ev.evaluate(tasks, None, seeds=args.seeds, methods=tuple(m for m in methods if m in BASELINES),
+    base = ev.evaluate(tasks, None, seeds=n_seeds, methods=tuple(m for m in methods if m in BASELINES),
                        tuning_seeds=args.tuning_seeds, cache=cache, progress=say)
     out = {}
     for name, rule in rules.items():
-        mine = ev.evaluate(tasks, rule, seeds=args.seeds, methods=("learned",), progress=say)
+        mine = ev.evaluate(tasks, rule, seeds=n_seeds, methods=("learned",), progress=say)
         merged = []
         for b, m in zip(base, mine):
             merged.append(replace(b, curves={**m.curves, **b.curves}, lrs=dict(b.lrs)))
@@ -95,15 +96,19 @@ def _long_rows(summary: dict, base: int) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--suites", default="heldout,long")
+    ap.add_argument("--suites", default="heldout,conv,long")
     ap.add_argument("--family", default="digits-mlp")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--tasks", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=10, help="report seeds per task (suites at T)")
+    ap.add_argument("--tasks", type=int, default=3, help="held-out tasks per suite at T")
+    ap.add_argument("--long-seeds", type=int, default=5, help="report seeds per task of the long suite")
+    ap.add_argument("--long-tasks", type=int, default=1, help="held-out tasks per family in the long suite")
     ap.add_argument("--tuning-seeds", type=int, default=2)
     ap.add_argument("--valid-tasks", type=int, default=6, help="common meta-validation tasks for the choice")
     ap.add_argument("--out", default=str(ROOT / "results" / "seeds"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--compare", default="", help="comma-separated rules reported beside the runs, never chosen "
+                                                  "(e.g. 'default' for the rule shipped before)")
     ap.add_argument("--ship", action="store_true", help="package the chosen run's best.pt as the default rule")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = min(scores, key=lambda r: scores[r][0])
     print(f"chosen on meta-validation: {chosen} (score {scores[chosen][0]:.4f} at step {scores[chosen][1]})",
           file=sys.stderr)
+    rules_compare = {c: ev.resolve_rule(c)[:2] for c in (c for c in args.compare.split(",") if c)}  # before shipping
     if args.ship:
         sys.path.insert(0, str(ROOT / "tools"))
         import ship_rule
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         ship_rule.main([chosen])
     # 2. every seed on held-out
     rules = {str(r): load_rule(r / "best.pt")[:2] for r in args.runs}
+    rules.update(rules_compare)
+    compare = list(rules_compare)
     start = time.perf_counter()
     suites = {s: _evaluate(s, rules, args) for s in args.suites.split(",")}
     doc = {"chosen": chosen, "validation": {r: {"score": s, "step": k} for r, (s, k) in scores.items()},
@@ -127,49 +135,50 @@ def main(argv: list[str] | None = None) -> int:
            "seconds": time.perf_counter() - start}
     atomic_write(Path(args.out) / "seeds.json", lambda p: Path(p).write_text(_json.dumps(doc, indent=1)))
     lines = [START, "", f"Generated by `python tools/seeds.py {' '.join(Path(r).name for r in args.runs)} "
-             f"--steps {args.steps} --seeds {args.seeds} --tasks {args.tasks}`: every meta-training seed of the "
+             f"--steps {args.steps} --seeds {args.seeds} --tasks {args.tasks} --long-seeds {args.long_seeds} "
+             f"--long-tasks {args.long_tasks}`: every meta-training seed of the "
              f"recipe, its `best.pt`; the shipped rule is the seed with the best meta-validation score (chosen "
-             f"before any held-out number was computed). Long suite: learned / tuned Adam mean validation loss "
-             f"(Adam re-tuned per task and horizon; bar ≤ {BAR}), diverged runs of the rule (final loss NaN or "
-             f"above its initial loss) out of all.", ""]
-    head = "| run | meta-val score (step) |"
-    sep = "|---|---|"
-    if "heldout" in suites:
-        head += " heldout Δ vs Adam at T [95% CI] | speedup |"
-        sep += "---|---|"
-    keys: list[str] = []
+             f"before any held-out number was computed). Long suite: horizons 10T and 25T on held-out tasks of "
+             f"every family and on 4x wider and 2x deeper nets, every baseline re-tuned per task and horizon; "
+             f"bar: learned ≤ {BAR} x tuned Adam and no failed run (final loss NaN or above its initial loss).", ""]
+    names = {str(r): f"`{Path(r).name}`" + (" (shipped)" if str(r) == chosen else "") for r in args.runs}
+    names.update({r: f"`{r}` (comparison)" for r in compare})
+    at_t = [x for x in ("heldout", "conv") if x in suites]
+    if at_t:
+        lines += ["| run | meta-val score (step) |" + "".join(f" {x} Δ vs tuned Adam at T [95% CI] | {x} speedup |"
+                                                            for x in at_t), "|---|---|" + "---|---|" * len(at_t)]
+        for r in rules:
+            s, k = scores.get(r, (None, None))
+            row = f"| {names[r]} | " + (f"{s:.4f} ({k}) |" if s is not None else "— |")
+            for x in at_t:
+                e = suites[x][r]["methods"]["learned"]
+                d = e.get("paired_diff_vs_adam", {})
+                ci = d.get("ci", [None, None])
+                row += (f" {d['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] |" if d and None not in ci else " n/a |")
+                row += f" {e['speedup_vs_adam']:.2f} |" if e["speedup_vs_adam"] else " <1 |"
+            lines.append(row)
+        lines.append("")
     if "long" in suites:
-        keys = sorted(_long_rows(next(iter(suites["long"].values())), args.steps))
-        head += "".join(f" {k} |" for k in keys) + " diverged |"
-        sep += "---|" * (len(keys) + 1)
-    lines += [head, sep]
-    for r in rules:
-        s, k = scores[r]
-        mark = " (shipped)" if r == chosen else ""
-        row = f"| `{Path(r).name}`{mark} | {s:.4f} ({k}) |"
-        if "heldout" in suites:
-            e = suites["heldout"][r]["methods"]["learned"]
-            d = e.get("paired_diff_vs_adam", {})
-            ci = d.get("ci", [None, None])
-            row += (f" {d['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] |" if d and None not in ci else " n/a |")
-            row += f" {e['speedup_vs_adam']:.2f} |" if e["speedup_vs_adam"] else " <1 |"
-        if "long" in suites:
-            rows = _long_rows(suites["long"][r], args.steps)
+        per_rule = {r: _long_rows(suites["long"][r], args.steps) for r in rules}
+        keys = sorted(next(iter(per_rule.values())))
+        lines += ["| long suite: task @ horizon |" + "".join(f" {names[r]} |" for r in rules) + " tuned Adam failed |",
+                  "|---|" + "---|" * (len(rules) + 1)]
+        for key in keys:
             cells = []
-            for key in keys:
-                ratios = [x for x in rows[key]["ratios"] if x is not None]
+            for r in rules:
+                row = per_rule[r][key]
+                ratios = [x for x in row["ratios"] if x is not None]
                 worst = max(ratios) if ratios else None
-                flag = "" if worst is not None and worst <= BAR else " ✗"
-                cells.append(f" {worst:.3f}{flag} |" if worst is not None else " n/a ✗ |")
-            div = sum(v["diverged"] for v in rows.values())
-            runs = sum(v["runs"] for v in rows.values())
-            row += "".join(cells) + f" {div}/{runs} |"
-        lines.append(row)
-    if "long" in suites:
-        any_rule = next(iter(suites["long"].values()))
-        adam_div = sum(v["adam_diverged"] for v in _long_rows(any_rule, args.steps).values())
-        lines += ["", f"Tuned Adam's diverged runs in the long suite: {adam_div}. Per-task numbers: "
-                      f"`{Path(args.out).name}/seeds.json`."]
+                flag = "" if worst is not None and worst <= BAR and row["diverged"] == 0 else " ✗"
+                cells.append((f" {worst:.3f}" if worst is not None else " n/a") + f" ({row['diverged']}/{row['runs']}){flag} |")
+            adam = next(iter(per_rule.values()))[key]
+            lines.append(f"| {key} |" + "".join(cells) + f" {adam['adam_diverged']}/{adam['runs']} |")
+        met = {r: sum(1 for key in keys if all(x is not None and x <= BAR for x in per_rule[r][key]["ratios"])
+                      and per_rule[r][key]["diverged"] == 0) for r in rules}
+        lines += ["", "Each cell: learned / tuned-Adam mean validation loss at that horizon (the worst task), then "
+                      "(failed runs / runs); ✗ where the bar is missed. Rows meeting the bar: "
+                      + ", ".join(f"{names[r]} {met[r]}/{len(keys)}" for r in rules)
+                      + f". Per-task numbers: `{Path(args.out).name}/seeds.json`."]
     lines += ["", END]
     readme = Path(args.readme)
     readme.write_text(replace_section(readme.read_text(), START, END, lines, "Meta-training seeds"))
