@@ -41,7 +41,7 @@ import torch
 from .._io import atomic_torch_save, atomic_write
 from .._json import dump_line, finite_or_none, sanitize
 from ..errors import GraphFileError, first_line
-from ..rules import BackwardRule, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
+from ..rules import BackwardRule, Exact, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
 from ..rules.io import load_matching_state
 from ..tasks import TaskSpec, get_family
 from .config import MetaConfig
@@ -59,8 +59,8 @@ _STATE_FORMAT = "mpbackprop-metatrain-state"
 def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     """The learned backward and update rules a config describes (seeded)."""
     torch.manual_seed(cfg.seed)
-    rule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init, seed=cfg.seed,
-                           features=cfg.features)
+    rule: BackwardRule = LearnedBackward(state_dim=cfg.state_dim, hidden=cfg.hidden, init=cfg.backward_init,
+                                         seed=cfg.seed, features=cfg.features) if cfg.learn_backward else Exact()
     update: UpdateRule
     if cfg.update_rule == "scheduled":
         update = ScheduledUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, lr=cfg.update_lr,
