@@ -182,3 +182,22 @@ def test_trainer_passes_total_steps():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="total_steps"):
         mp.Trainer(model, rule="exact", update=ScheduledUpdate()).step(x, y)
+
+
+def test_the_correction_is_odd_in_the_gradient():
+    net, theta = _net()
+    x, y = _batch(0)
+    upd = ScheduledUpdate(correction=0.5).double()
+    _perturb(upd.net, scale=2.0)  # biases included: an unconstrained MLP would drift
+    state = upd.init_state(theta)
+    signal = torch.randn(theta.numel(), 1, dtype=torch.float64)
+    from mpbackprop.engine import tensor_fan_in
+
+    def delta(sig):
+        ctx = UpdateContext(theta, sig, state, 0, torch.repeat_interleave(
+            torch.arange(len(net.tensors)), torch.tensor(net.tensor_sizes)), len(net.tensors), net.tensor_sizes, 50,
+            tensor_fan_in(net))
+        return theta - upd.step(ctx)[0]
+
+    assert torch.allclose(delta(signal), -delta(-signal), atol=1e-15)
+    assert float(delta(torch.zeros_like(signal)).abs().max()) == 0.0
