@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
-# make run meta-trains a shortened run of the default recipe (the full one: META_STEPS=400, about 20 min)
+# make run meta-trains a shortened run of the default recipe (the full one: META_STEPS=300, under 25 min)
 META_STEPS ?= 50
 
 .PHONY: setup run test bench clean

@@ -18,7 +18,7 @@ from hostile import BAD_INPUT, Case
 
 TINY = {"family": "tabular-mlp", "outer_steps": 2, "unroll": [4, 6], "truncation": 2, "tasks_per_step": 1,
         "eval_every": 2, "eval_tasks": 1, "eval_horizon": 3, "checkpoint_every": 1, "val_examples": 16,
-        "state_dim": 1, "hidden": 4}
+        "state_dim": 1, "hidden": 4, "learn_backward": True}
 _made: list[Path] = []
 _held: list[Any] = []  # locks held for the rest of the session by the lock case
 

@@ -88,7 +88,7 @@ def test_frozen_parameters_stay_fixed_bit_for_bit(rule: str, update: str | None)
     model = _convnet()
     frozen = _frozen(model)
     trainable = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-    trainer = mp.Trainer(model, rule=rule, update=update)
+    trainer = mp.Trainer(model, rule=rule, update=update, total_steps=50)  # the scheduled update needs it
     for x, y in _batches((1, 8, 8), 3, torch.float32):
         assert torch.isfinite(torch.tensor(trainer.step(x, y)))
     for name, p in model.named_parameters():

@@ -318,7 +318,7 @@ class MetaTrainer:
             self.best_score = float(state["best_score"])
         except Exception as exc:  # noqa: BLE001
             raise GraphFileError(f"{path}: not a readable meta-training state (it does not fit the run's "
-                                 f"config.json: {first_line(exc)[:160]}); {what_to_do}") from None
+                                 f"config.json: {first_line(exc)}); {what_to_do}") from None
         self.saved_step = self.step
         rows, note = read_metrics(self.out / "metrics.jsonl")
         if note and self.is_writer:
