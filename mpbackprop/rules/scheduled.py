@@ -18,13 +18,14 @@ correction, and a step size from a schedule relative to the run's stated length.
   ``(τ, cos πτ)`` — never an absolute step count.
 * **step size** — ``η(t, T) = lr·e^{a}·(T/T_0)^{-b}·s(τ)`` with the cosine schedule
   ``s(τ) = f + (1 − f)·(1 + cos πτ)/2`` from 1 down to a floor ``f`` (Loshchilov & Hutter, 2017), learned
-  scale ``a`` and floor ``f``, and a horizon exponent ``b`` (bounded in (−1, 1); learned only with
-  ``horizon_exponent=True``, else 0); ``T`` is the run's stated length
+  scale ``a`` and floor ``f``, and a horizon exponent ``b`` (bounded in (−1, 1); starts at ``horizon_init``,
+  learned only with ``horizon_exponent=True``); ``T`` is the run's stated length
   (``total_steps``: the Trainer's, the evaluation horizon, the meta-training task's horizon), ``T_0`` the
   reference horizon. The schedule is kept apart from the learned direction, as in Celo: the learned part can
-  turn the direction, not blow up the step. Measured on held-out digits tasks (Adam's direction, floor 0.1,
-  peak 0.01), one peak learning rate served horizons 100–2500 within about 5% of Adam re-tuned per horizon,
-  where constant-rate Adam's best rate falls with the horizon and falls off a cliff past it.
+  turn the direction, not blow up the step. On four validation-split tasks (digits, wine, breast cancer)
+  the best peak rate of cosine-scheduled Adam (floor 0.1) fell from 0.018–0.032 at T = 100 to
+  0.0032–0.0056 at T = 1000, i.e. ``b`` of 0.5–1: the meta-training recipe starts at ``lr = 0.02``,
+  ``b = 0.6`` (:class:`~mpbackprop.metatrain.MetaConfig`).
 * **width** — per tensor, weights (not biases) get ``(fan_in/64)^{-p}`` with a learned exponent ``p``
   (bounded in (−1, 1); μP's value for Adam is 1, Yang et al., 2022; μLO, Thérien et al., 2024), so the
   step of a wider layer can shrink with its fan-in.
