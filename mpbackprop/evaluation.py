@@ -23,7 +23,8 @@ milliseconds per step.
 A run whose validation loss stops being finite (or exceeds :data:`DIVERGED_LOSS`) is *diverged*: its remaining
 losses are ``inf``. Statistics over such runs are not finite; the JSON reports write them as
 ``null`` (:mod:`mpbackprop._json`) and count the runs in ``"diverged"``. Nothing here prints
-numpy warnings for them.
+numpy warnings for them. The ``long`` suite's criterion is stricter: a run *failed* when its final
+loss is not finite or above the loss it started from (``"failed"``, :attr:`RunCurve.failed`).
 """
 
 from __future__ import annotations
