@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .engine import backward as run_backward
-from .engine import forward_and_seed, tensor_fan_in
+from .engine import forward_and_seed
 from .losses import resolve_loss
 from .network import CompiledNetwork
 from .rules import Adam, BackwardRule, LayerContext, UpdateContext, UpdateRule
@@ -118,7 +118,7 @@ def analyze(net: CompiledNetwork, theta: Tensor, batches: Any, evaluate: Any, ba
             record, _, dl = forward_and_seed(net, theta, x, y, loss_fn)
             res = run_backward(net, record, dl, backward_rule, rule_state, theta, opt_state)
             ctx = UpdateContext(theta, res.signal, opt_state, step, segments, len(net.tensors), net.tensor_sizes,
-                                steps, tensor_fan_in(net))
+                                steps, net.tensor_fan_in)
             new_theta, opt_state = update.step(ctx)
             adam_theta, adam_state = adam.step(UpdateContext(theta, grad.unsqueeze(1), adam_state, step, segments,
                                                              len(net.tensors), net.tensor_sizes))

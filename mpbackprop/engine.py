@@ -27,7 +27,6 @@ asks which rule it runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,7 +378,7 @@ def train_step(
     with grad_ctx:
         result = backward(net, record, dl, rule, rule_state, theta, opt_state, fused=fused)
         uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
-                             len(net.tensors), net.tensor_sizes, total_steps, tensor_fan_in(net))
+                             len(net.tensors), net.tensor_sizes, total_steps, net.tensor_fan_in)
         new_theta, new_state = update.step(uctx)
         frozen = net.frozen_mask
         if frozen is not None:
@@ -387,11 +386,6 @@ def train_step(
     if trace:
         write_trace(net, record, result, (theta - new_theta).detach())
     return StepResult(value, new_theta, new_state, result.signal)
-
-
-def tensor_fan_in(net: CompiledNetwork) -> tuple[int, ...]:
-    """Fan-in of each parameter tensor's weights (``prod(shape[1:])``), ``0`` for biases."""
-    return tuple(math.prod(p.shape[1:]) if p.role == "weight" and len(p.shape) > 1 else 0 for p in net.tensors)
 
 
 def _keep_frozen(frozen: Tensor, theta: Tensor, new_theta: Tensor, state: dict[str, Tensor],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,12 @@ class CompiledNetwork:
     def tensor_sizes(self) -> tuple[int, ...]:
         """Number of parameters of each tensor, in param-node order."""
         return tuple(p.numel for p in self.tensors)
+
+    @property
+    def tensor_fan_in(self) -> tuple[int, ...]:
+        """Fan-in of each tensor's weights (``prod(shape[1:])``: ``in`` of a Linear weight, ``in·kh·kw`` of a
+        convolution's), ``0`` for biases; in param-node order."""
+        return tuple(math.prod(p.shape[1:]) if p.role == "weight" and len(p.shape) > 1 else 0 for p in self.tensors)
 
     @property
     def output_shape(self) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import mpbackprop as mp
-from mpbackprop.engine import tensor_fan_in, train_step
+from mpbackprop.engine import train_step
 from mpbackprop.rules import Adam, Exact, LearnedBackward, ScheduledUpdate, load_rule, save_rule
 from mpbackprop.rules.base import UpdateContext
 from mpbackprop.rules.scheduled import cosine_schedule
@@ -83,7 +83,7 @@ def test_needs_the_runs_length():
 
 def test_width_exponent_scales_weights_by_fan_in_and_not_biases():
     net, theta = _net(hidden=128)
-    fan_in = tensor_fan_in(net)
+    fan_in = net.tensor_fan_in
     assert fan_in == (8, 0, 128, 0)
     x, y = _batch(0)
     base, scaled = ScheduledUpdate(correction=0.0).double(), ScheduledUpdate(correction=0.0).double()
@@ -191,12 +191,10 @@ def test_the_correction_is_odd_in_the_gradient():
     _perturb(upd.net, scale=2.0)  # biases included: an unconstrained MLP would drift
     state = upd.init_state(theta)
     signal = torch.randn(theta.numel(), 1, dtype=torch.float64)
-    from mpbackprop.engine import tensor_fan_in
-
     def delta(sig):
         ctx = UpdateContext(theta, sig, state, 0, torch.repeat_interleave(
             torch.arange(len(net.tensors)), torch.tensor(net.tensor_sizes)), len(net.tensors), net.tensor_sizes, 50,
-            tensor_fan_in(net))
+            net.tensor_fan_in)
         return theta - upd.step(ctx)[0]
 
     assert torch.allclose(delta(signal), -delta(-signal), atol=1e-15)

@@ -47,7 +47,7 @@ from ..tasks import TaskSpec, get_family
 from .config import MetaConfig
 from .distributed import WorkerFailure, Workers
 from .estimators import Estimator, make_estimator
-from .inner import unroll
+from .inner import new_inner, unroll
 from .interrupts import StopRequests
 from .rundir import RunDirectoryError, RunLock, append_line, clear_run, disk_full_guard, holds_run, read_metrics
 
@@ -82,8 +82,6 @@ def meta_validate(rule: BackwardRule, update: UpdateRule, specs: list[TaskSpec],
                   val_examples: int | None = None, multiples: tuple[int, ...] = (1, 2)) -> dict[str, float]:
     """Train each task for ``k·horizon`` steps for each ``k`` in ``multiples`` (the rule told that
     length); mean log validation loss at the end of each, and ``score``, their mean over ``k``."""
-    from .inner import new_inner
-
     out: dict[str, float] = {}
     for k in multiples:
         logs = []
