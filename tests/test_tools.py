@@ -47,3 +47,20 @@ def test_marginal_scaling_exponent_removes_the_fixed_step_cost():
              for n, p in zip(bench.MLPS, (1e4, 1e5, 1e6))]
     assert bench.scaling_exponent(cases) < 0.8  # a fixed cost flattens the raw slope
     assert abs(bench.scaling_exponent(cases, overhead_ms=0.5) - 1.0) < 1e-9
+
+
+def test_seeds_refuses_runs_of_different_families_without_a_common_validation_family(tmp_path, capsys):
+    import pytest
+
+    seeds = _load("seeds")
+    runs = []
+    for name, family in (("a", "augmented"), ("b", "augmented-depth")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"family": family, "unroll": [10, 20]}))
+        runs.append(str(run))
+    with pytest.raises(SystemExit) as exit_info:
+        seeds.main([runs[0], "--compare", runs[1], "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "different families (augmented, augmented-depth)" in err and "--valid-family" in err

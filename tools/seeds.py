@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mpbackprop import _json
+from mpbackprop.metatrain import MetaConfig
 from mpbackprop import evaluation as ev
 from mpbackprop._io import atomic_write, replace_section
 from mpbackprop.rules import load_rule
@@ -41,14 +42,15 @@ BASELINES = ("sgd", "momentum", "adam")
 BAR = 1.05
 
 
-def common_score(run: Path, n_tasks: int) -> tuple[float, int]:
-    """``(score of the run's best.pt on the common validation tasks, the step it was saved at)``."""
+def common_score(run: Path, n_tasks: int, family: str | None = None) -> tuple[float, int]:
+    """``(score of the run's best.pt on the common validation tasks, the step it was saved at)``: tasks of
+    ``family`` (default: the run's own family), validation split, seed 0."""
     from mpbackprop.metatrain import MetaConfig, meta_validate
     from mpbackprop.tasks import get_family
 
     cfg = MetaConfig.load_run(run / "config.json")
     backward, update, meta = load_rule(run / "best.pt")
-    specs = get_family(cfg.family).tasks("valid", n_tasks, seed=0)
+    specs = get_family(family or cfg.family).tasks("valid", n_tasks, seed=0)
     with torch.no_grad():
         scores = meta_validate(backward, update, specs, cfg.eval_horizon, cfg.val_examples, cfg.eval_multiples)
     return scores["score"], int(meta.get("step", -1))
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-tasks", type=int, default=1, help="held-out tasks per family in the long suite")
     ap.add_argument("--tuning-seeds", type=int, default=2)
     ap.add_argument("--valid-tasks", type=int, default=6, help="common meta-validation tasks for the choice")
+    ap.add_argument("--valid-family", default=None,
+                    help="family of the common meta-validation tasks (default: the runs' family; needed when "
+                         "the runs, or run directories given to --compare, were meta-trained on different families)")
     ap.add_argument("--out", default=str(ROOT / "results" / "seeds"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--compare", default="", help="comma-separated rules reported beside the runs, never chosen "
@@ -113,9 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    # 1. the choice, on meta-validation only
-    scores = {str(r): common_score(r, args.valid_tasks) for r in args.runs}
+    # 1. the choice, on meta-validation only (run directories given to --compare are scored too, never chosen)
+    compare_runs = [Path(c) for c in args.compare.split(",") if c and (Path(c) / "config.json").is_file()]
+    families = {MetaConfig.load_run(r / "config.json").family for r in [*args.runs, *compare_runs]}
+    if args.valid_family is None and len(families) > 1:
+        ap.error(f"the runs were meta-trained on different families ({', '.join(sorted(families))}): "
+                 f"name the common validation tasks' family with --valid-family")
+    scores = {str(r): common_score(r, args.valid_tasks, args.valid_family) for r in args.runs}
+    scores_compare = {str(r): common_score(r, args.valid_tasks, args.valid_family) for r in compare_runs}
     chosen = min(scores, key=lambda r: scores[r][0])
+    scores.update(scores_compare)
     print(f"chosen on meta-validation: {chosen} (score {scores[chosen][0]:.4f} at step {scores[chosen][1]})",
           file=sys.stderr)
     rules_compare = {c: ev.resolve_rule(c)[:2] for c in (c for c in args.compare.split(",") if c)}  # before shipping
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         ship_rule.main([chosen])
     # 2. every seed on held-out
     rules = {str(r): load_rule(r / "best.pt")[:2] for r in args.runs}
+    if compare_runs:
+        print("common meta-validation scores: " + ", ".join(f"{Path(r).name} {s:.4f}" for r, (s, _) in scores.items()),
+              file=sys.stderr)
     rules.update(rules_compare)
     compare = list(rules_compare)
     start = time.perf_counter()
@@ -142,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
              f"every family and on 4x wider and 2x deeper nets, every baseline re-tuned per task and horizon; "
              f"bar: learned ≤ {BAR} x tuned Adam and no failed run (final loss NaN or above its initial loss).", ""]
     names = {str(r): f"`{Path(r).name}`" + (" (shipped)" if str(r) == chosen else "") for r in args.runs}
-    names.update({r: f"`{r}` (comparison)" for r in compare})
+    names.update({r: f"`{Path(r).name}` (comparison)" for r in compare})
     at_t = [x for x in ("heldout", "conv") if x in suites]
     if at_t:
         lines += ["| run | meta-val score (step) |" + "".join(f" {x} Δ vs tuned Adam at T [95% CI] | {x} speedup |"
