@@ -8,6 +8,11 @@ A :class:`TaskFamily` samples :class:`TaskSpec` s for three disjoint task sets â
 ``train`` (meta-training), ``valid`` (checkpoint choice) and ``heldout`` (evaluation
 only) â€” that never share an initialisation or data seed (each set draws its seeds from
 its own range), so a held-out task is never seen in meta-training.
+
+Datasets, architectures and families live in one registry (:data:`DATASETS`, :data:`ARCHS`,
+:data:`FAMILIES`, filled by :func:`register_dataset`, :func:`register_arch`,
+:func:`register_family`); the built-in ones are entries like any other, and task files
+(:mod:`mpbackprop.taskfile`) add theirs the same way.
 """
 
 from __future__ import annotations
