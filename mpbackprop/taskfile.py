@@ -152,15 +152,20 @@ def _unchanged(known: TaskFile, source: bytes) -> bool:
 
 
 def _run(p: Path, display: str, source: bytes) -> TaskFile:
-    _reading.append([])
+    _reading.append([])  # loaders called while the file runs, or after (DATASETS' functions), are recorded
     _base.append(p.parent)
+    try:
+        return _register(p, display, source)
+    finally:
+        _reading.pop()
+        _base.pop()
+
+
+def _register(p: Path, display: str, source: bytes) -> TaskFile:
     try:
         module = run_model_file(p)
     except ModelFileError as exc:
         raise TaskFileError(str(exc).replace("model file", "task file")) from None
-    finally:
-        data_files = tuple(_reading.pop())
-        _base.pop()
     ns = vars(module)
     name = ns.get("NAME", re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem))
     if not isinstance(name, str) or not _NAME.match(name):
@@ -191,6 +196,7 @@ def _run(p: Path, display: str, source: bytes) -> TaskFile:
         if not callable(build):
             raise TaskFileError(f"{display}: MODELS[{key!r}] must be a function build(input_shape, num_outputs)")
         tasks.register_arch(f"{name}:{key}", _builder(build))
+    data_files = tuple(_reading[-1])
     family = tasks.TaskFamily(name, tuple(entries), archs=tuple(f"{name}:{k}" for k in models),
                               batch_sizes=tuple(int(b) for b in batch_sizes), scales=scales,
                               description=f"task file {p}", source=str(p),
