@@ -324,6 +324,7 @@ class TaskFamily:
     extra: dict[str, Any] = field(default_factory=dict)
     members: tuple[str, ...] = ()  # a mixture: draw a member family first, then its task
     augment: bool = False  # task augmentation (wider nets, input and initial-weight rescaling)
+    augment_depth: bool = False  # with augment: also 4x wider and 2x deeper MLPs (see _deepened)
     # task files (mpbackprop.taskfile): architectures drawn per task, in place of arch/widths/activations;
     # log-uniform ranges of the input and initial-weight scales; the file and its fingerprint
     archs: tuple[str, ...] = ()
@@ -339,7 +340,10 @@ class TaskFamily:
             spec = FAMILIES[rng.choice(self.members)].sample(rng, split)
         else:
             spec = self._sample_own(rng, split)
-        return _augmented(spec, rng) if self.augment else spec
+        if not self.augment:
+            return spec
+        spec = _augmented(spec, rng)
+        return _deepened(spec, rng) if self.augment_depth else spec
 
     def _sample_own(self, rng: random.Random, split: str) -> TaskSpec:
         base = _SEED_BASE[split]
@@ -396,6 +400,23 @@ def _augmented(spec: TaskSpec, rng: random.Random) -> TaskSpec:
     x_scale = round(math.exp(rng.uniform(math.log(0.5), math.log(2.0))), 4)
     w_scale = round(math.exp(rng.uniform(math.log(0.7), math.log(1.4))), 4)
     return replace(spec, widths=widths, input_scale=x_scale, init_scale=w_scale)
+
+
+FAMILIES["augmented-depth"] = TaskFamily(
+    "augmented-depth", (), "mlp", members=FAMILIES["augmented"].members, augment=True, augment_depth=True,
+    description="the augmented family, and MLPs also made 4x wider (p=0.1) or 2x deeper (p=0.25)")
+
+
+def _deepened(spec: TaskSpec, rng: random.Random) -> TaskSpec:
+    """Width and depth augmentation on top of :func:`_augmented` (its draws come first, so the
+    ``augmented`` family's tasks are unchanged): an MLP's hidden widths are doubled once more with
+    probability 0.1 (4x in all when already doubled), and its hidden layers repeated (2x deeper) with
+    probability 0.25 — the shapes of the long suite's 4x wider and 2x deeper nets."""
+    wider, deeper = rng.random() < 0.1, rng.random() < 0.25
+    if spec.arch != "mlp":
+        return spec
+    widths = tuple(2 * w for w in spec.widths) if wider else spec.widths
+    return replace(spec, widths=widths * 2 if deeper else widths)
 
 
 def register_family(family: TaskFamily) -> None:

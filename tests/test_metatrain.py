@@ -187,6 +187,47 @@ def test_augmented_tasks_rescale_inputs_and_initial_weights_and_keep_old_spec_js
     assert all(0.5 <= s.input_scale <= 2 and 0.7 <= s.init_scale <= 1.4 for s in specs)
 
 
+def test_depth_augmentation_adds_wider_and_deeper_mlps_and_leaves_the_augmented_family_alone():
+    from mpbackprop.tasks import _deepened
+
+    class Draws:  # rng.random() returns these in turn
+        def __init__(self, *values):
+            self.values = list(values)
+
+        def random(self):
+            return self.values.pop(0)
+
+    mlp, conv = TaskSpec(widths=(32, 16)), TaskSpec(dataset="digits-image", arch="conv", widths=(4, 8))
+    assert _deepened(mlp, Draws(0.05, 0.9)).widths == (64, 32)  # wider (p = 0.1)
+    assert _deepened(mlp, Draws(0.5, 0.2)).widths == (32, 16, 32, 16)  # deeper (p = 0.25)
+    assert _deepened(mlp, Draws(0.05, 0.2)).widths == (64, 32, 64, 32)
+    assert _deepened(mlp, Draws(0.5, 0.9)) == mlp
+    assert _deepened(conv, Draws(0.05, 0.2)) == conv, "convnets keep their shape (8x8 inputs)"
+    deep = FAMILIES["augmented-depth"].tasks("train", 200)
+    assert any(s.arch == "mlp" and len(s.widths) > 2 for s in deep) and {s.arch for s in deep} == {"mlp", "conv"}
+    assert all(len(s.widths) <= 2 for s in FAMILIES["augmented"].tasks("train", 200))
+    Task(TaskSpec(widths=(32, 32, 32, 32)))  # a deepened task builds and compiles
+
+
+def test_scalar_meta_parameters_get_their_own_learning_rate_only_when_asked():
+    from mpbackprop.metatrain import build_rules
+    from mpbackprop.metatrain.loop import meta_param_groups
+
+    cfg = MetaConfig(family="digits-mlp")
+    _, update = build_rules(cfg)
+    params = list(update.parameters())
+    (one,) = meta_param_groups(params, cfg)
+    assert one["params"] == params and "lr" not in one
+    fast = cfg.replace(scalar_lr_mult=10.0)
+    groups = meta_param_groups(params, fast)
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * fast.meta_lr)
+    scalars = {id(p) for p in groups[1]["params"]}
+    assert scalars == {id(update.log_lr_scale), id(update.horizon_raw), id(update.width_raw), id(update.floor_logit)}
+    assert all(p.dim() > 0 for p in groups[0]["params"]) and len(groups[0]["params"]) + len(scalars) == len(params)
+    with pytest.raises(ValueError, match="scalar_lr_mult"):
+        MetaConfig(scalar_lr_mult=0.0)
+
+
 def test_start_offsets_put_the_first_runs_out_of_phase():
     from mpbackprop.metatrain import build_rules
     from mpbackprop.metatrain.estimators import make_estimator

@@ -61,6 +61,10 @@ class MetaConfig:
         False the rule's backward is exact backprop (``exact`` in the rule file). Off in the long-horizon
         recipe: its learned backward stayed near backprop in every analysis, and small learned deviations
         hurt most at 10T and 25T.
+    scalar_lr_mult : float
+        The meta-learning rate of the rule's scalar meta-parameters (the scheduled update's ``a``, ``b``,
+        ``f``, ``p`` and weight decay: the 0-dimensional ones) is ``meta_lr`` times this; 1 keeps one
+        optimizer group for all (as runs before this option).
     start_offsets : bool
         Start each task slot's first inner run at a random step of its horizon (run there with the
         initial rule, without gradients), so the slots are out of phase from the first outer step.
@@ -83,6 +87,7 @@ class MetaConfig:
     objective: str = "mixed"
     final_weight: float = 0.8
     meta_lr: float = 1e-3
+    scalar_lr_mult: float = 1.0
     clip_norm: float = 1.0
     state_dim: int = 1
     hidden: int = 4
@@ -283,6 +288,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "objective": _choice("mean", "final", "mixed"),
     "final_weight": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "meta_lr": _POSITIVE,
+    "scalar_lr_mult": _number(lambda v: 0 < v <= 100, "a number in (0, 100]"),
     "clip_norm": _POSITIVE,
     "state_dim": _size("state_dim"),
     "hidden": _size("hidden"),

@@ -73,6 +73,17 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
     return rule, update
 
 
+def meta_param_groups(params: list[torch.nn.Parameter], cfg: MetaConfig) -> list[dict[str, Any]]:
+    """The outer optimizer's parameter groups: one group, or (``scalar_lr_mult != 1``) the rule's
+    0-dimensional meta-parameters at ``meta_lr·scalar_lr_mult`` apart from the rest."""
+    if cfg.scalar_lr_mult == 1.0:
+        return [{"params": list(params)}]
+    scalars = [p for p in params if p.dim() == 0]
+    others = [p for p in params if p.dim() > 0]
+    groups = [{"params": others}] if others else []
+    return (groups + [{"params": scalars, "lr": cfg.meta_lr * cfg.scalar_lr_mult}]) if scalars else groups
+
+
 def score_key(multiple: int) -> str:
     """Metrics key of the meta-validation log loss at ``multiple``·T (``valid_log_loss_T``, ``…_10T``)."""
     return "valid_log_loss_T" if multiple == 1 else f"valid_log_loss_{multiple}T"
@@ -184,7 +195,7 @@ class MetaTrainer:
             self.estimator: Estimator = make_estimator(cfg, self.family, self.rule, self.update,
                                                        self.workers.slots(cfg.tasks_per_step), self.workers)
             self.params = self.estimator.params
-            self.opt = torch.optim.Adam(self.params, lr=cfg.meta_lr)
+            self.opt = torch.optim.Adam(meta_param_groups(self.params, cfg), lr=cfg.meta_lr)
             self.valid_specs = self.family.tasks("valid", cfg.eval_tasks, seed=cfg.seed)
             self.step = 0
             self.skipped = 0
