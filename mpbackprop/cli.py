@@ -676,6 +676,9 @@ def _global_seed_for_meta_train(parent: click.Context) -> int:
 @click.option("--config", "config_path", type=_EXISTING_FILE, default=None,
               help="JSON file of MetaConfig fields; flags given on the command line win.")
 @click.option("--family", default=None, help=f"Task family: {', '.join(FAMILIES)} {_default('family')}.")
+@click.option("--task", "task_file", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
+              help="A task file (your datasets and models, see mpbackprop.taskfile): its family is the run's; "
+                   "the run records its path and fingerprint.")
 @click.option("--estimator", type=click.Choice(["tbptt", "es", "pes"]), default=None,
               help=f"Meta-gradient estimator {_default('estimator')}.")
 @click.option("--outer-steps", type=click.IntRange(min=0), default=None, help=f"Outer steps {_default('outer_steps')}.")
@@ -722,7 +725,7 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
     if (flags["seed"] is None and parent is not None
             and parent.get_parameter_source("seed") not in (None, click.core.ParameterSource.DEFAULT)):
         flags["seed"] = _global_seed_for_meta_train(parent)
-    flags = {k: v for k, v in flags.items() if v is not None}
+    flags = {k: (str(v) if k == "task_file" else v) for k, v in flags.items() if v is not None}
     try:  # the settings asked for: the config file's, then the flags given
         asked: dict[str, Any] = MetaConfig.fields_of(json.loads(config_path.read_text())) if config_path else {}
         # --resume checks what is asked against the run's own config.json only (in MetaTrainer)
@@ -777,9 +780,45 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 
 
 # -------------------------------------------------------------------------- evaluate
+#: Suites a task file's family has (the others swap in built-in datasets, activations or widths).
+_TASK_FILE_SUITES = ("heldout", "horizon")
+
+
+def _task_family(family: str | None, task_file: Path | None, rule: str) -> str:
+    """The family ``evaluate``/``analyze`` build tasks from: ``--family``, else ``--task``'s, else that of
+    the task file a run directory ``rule`` recorded (checked against its fingerprint), else digits-mlp."""
+    from .errors import TaskFileError
+    from .taskfile import load_task_file
+
+    try:
+        if task_file is not None:
+            loaded = load_task_file(task_file).family.name
+            if family is not None and family != loaded:
+                raise CLIError(f"--family {family} and --task {task_file} (family {loaded!r}) disagree; give one")
+            return loaded
+        config = Path(rule) / "config.json"
+        if family is None and config.is_file():
+            try:
+                saved = json.loads(config.read_text())
+            except (OSError, ValueError):
+                saved = None
+            if isinstance(saved, dict) and saved.get("task_file") is not None:
+                try:
+                    return MetaConfig.load_run(config).family
+                except (ValueError, TypeError) as exc:
+                    raise CLIError(f"{config}: {first_line(exc)}") from None
+    except TaskFileError as exc:
+        raise CLIError(str(exc)) from None
+    return family or "digits-mlp"
+
+
 @main.command("evaluate", short_help="Compare a learned rule with tuned baselines.")
 @click.argument("rule", default="default")
-@click.option("--family", default="digits-mlp", help="Task family whose held-out tasks the suites are built from.")
+@click.option("--family", default=None,
+              help="Task family whose held-out tasks the suites are built from [default: the task file's, else "
+                   "the run's if it used a task file, else digits-mlp].")
+@click.option("--task", "task_file", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
+              help="A task file: evaluate on its held-out tasks (suites heldout and horizon).")
 @click.option("--suite", type=click.Choice(["heldout", "wider", "deeper", "act", "data", "horizon", "conv", "long", "all"]),
               default="heldout", help="Which transfer suite ('all': every suite but 'long'; 'long': 10T and 25T "
                                       "on every family, 4x wider and 2x deeper nets).")
@@ -799,9 +838,9 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 @click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the learning curves as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
 @report_errors
-def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_tasks: int, tuning_seeds: int,
-                 as_json: bool, plot: Path | None, out: Path | None, threads: int, progress: bool,
-                 tb_dir: Path | None) -> None:
+def evaluate_cmd(rule: str, family: str | None, task_file: Path | None, suite: str, steps: int, seeds: int,
+                 n_tasks: int, tuning_seeds: int, as_json: bool, plot: Path | None, out: Path | None, threads: int,
+                 progress: bool, tb_dir: Path | None) -> None:
     """Evaluate RULE (a meta-training directory, a rule .pt file, or 'default') against SGD,
     SGD+momentum and Adam with learning rates tuned per task on separate seeds, plus the
     ablations learned-update-on-exact-backprop, learned-backward+Adam and FA+Adam.
@@ -812,13 +851,19 @@ def evaluate_cmd(rule: str, family: str, suite: str, steps: int, seeds: int, n_t
     from . import evaluation as ev
 
     torch.set_num_threads(threads)
+    family = _task_family(family, task_file, rule)
     try:
-        ev.get_family(family)
+        fam = ev.get_family(family)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if fam.source and suite not in _TASK_FILE_SUITES:
+        raise CLIError(f"--suite {suite} changes built-in tasks; a task file's family {family!r} has the suites "
+                       f"{' and '.join(_TASK_FILE_SUITES)}")
     backward, update, path = ev.resolve_rule(rule)
     suites = [s for s in ev.SUITES if s != "long"] if suite == "all" else [suite]
     cache = (out / "tuning") if out else Path.home() / ".cache" / "mpbackprop" / "tuning"
+    if fam.source:  # tuned learning rates belong to one version of the task file
+        cache = cache / f"{family}-{fam.sha256[:16]}"
     reports: dict[str, Any] = {}
     all_results: dict[str, list[Any]] = {}
     plan = {s: ev.suite_tasks(s, family, n_tasks, steps) for s in suites}
@@ -895,7 +940,10 @@ def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int,
 # --------------------------------------------------------------------------- analyze
 @main.command("analyze", short_help="How a rule's backward signal relates to the true gradient.")
 @click.argument("rule", default="default")
-@click.option("--family", default="digits-mlp", help="Analyse the family's first held-out task.")
+@click.option("--family", default=None,
+              help="Analyse the family's first held-out task [default: as for evaluate, else digits-mlp].")
+@click.option("--task", "task_file", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
+              help="A task file: analyse its first held-out task.")
 @click.option("--steps", type=click.IntRange(min=2), default=100, help="Training steps.")
 @click.option("--message-step", type=click.IntRange(min=1), default=None,
               help="Step (1..--steps) whose message magnitudes are drawn on the graph [default: the last].")
@@ -908,7 +956,8 @@ def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int,
               help="Write analysis.json, alignment.png, update_alignment.png, curves.png, messages-*.png, summary.md.")
 @click.pass_context
 @report_errors
-def analyze_cmd(ctx: click.Context, rule: str, family: str, steps: int, message_step: int | None,
+def analyze_cmd(ctx: click.Context, rule: str, family: str | None, task_file: Path | None, steps: int,
+                message_step: int | None,
                 adam_lr: float | None, as_json: bool, out: Path | None) -> None:
     """Train one held-out network with RULE ('default', a run directory, a rule file, 'exact' or
     'fa') and record per layer and step the cosine, norm ratio and sign agreement between the
@@ -923,6 +972,7 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str, steps: int, message_
     if message_step is not None and message_step > steps:
         raise CLIError(f"--message-step {message_step} is after the last step; allowed: 1..{steps} (--steps {steps})")
     torch.set_num_threads(1)
+    family = _task_family(family, task_file, rule)
     try:
         spec = get_family(family).tasks("heldout", 1)[0]
     except ValueError as exc:

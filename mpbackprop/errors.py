@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["MPBackpropError", "ModelFileError", "UnsupportedOpError", "ShapeError", "GraphFileError", "first_line"]
+__all__ = ["MPBackpropError", "ModelFileError", "UnsupportedOpError", "ShapeError", "GraphFileError", "TaskFileError",
+           "first_line"]
 
 
 def first_line(what: BaseException | str, typed: bool = False) -> str:
@@ -38,3 +39,8 @@ class ShapeError(MPBackpropError):
 
 class GraphFileError(MPBackpropError):
     """A saved graph or checkpoint file is missing, corrupt or of another kind."""
+
+
+class TaskFileError(MPBackpropError):
+    """A task file (``meta-train --task``) could not be run, defines no usable tasks, or has moved or
+    changed since a run recorded it."""

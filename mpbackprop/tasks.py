@@ -8,6 +8,11 @@ A :class:`TaskFamily` samples :class:`TaskSpec` s for three disjoint task sets �
 ``train`` (meta-training), ``valid`` (checkpoint choice) and ``heldout`` (evaluation
 only) — that never share an initialisation or data seed (each set draws its seeds from
 its own range), so a held-out task is never seen in meta-training.
+
+Datasets, architectures and families live in one registry (:data:`DATASETS`, :data:`ARCHS`,
+:data:`FAMILIES`, filled by :func:`register_dataset`, :func:`register_arch`,
+:func:`register_family`); the built-in ones are entries like any other, and task files
+(:mod:`mpbackprop.taskfile`) add theirs the same way.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import functools
 import math
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .losses import LossFn
 from .network import CompiledNetwork, compile
 
-__all__ = ["TaskSpec", "Task", "TaskFamily", "FAMILIES", "get_family", "DATASETS", "load_dataset"]
+__all__ = ["TaskSpec", "Task", "TaskFamily", "FAMILIES", "get_family", "DATASETS", "ARCHS", "load_dataset",
+           "register_dataset", "register_arch", "register_family", "forget"]
 
 SPLITS = ("train", "valid", "heldout")
 _SEED_BASE = {"train": 0, "valid": 1_000_003, "heldout": 2_000_003}
@@ -82,32 +89,97 @@ def _teacher(seed: int, n: int = 1200, dim: int = 8, out: int = 2):
     return x.numpy(), y.numpy()
 
 
+# ----------------------------------------------------------------------------- the registry
+# One registry of datasets and architectures: the built-in families below and task files
+# (:mod:`mpbackprop.taskfile`) add entries through the same two functions.
+
 #: Dataset name → (per-sample input shape, kind).
-DATASETS: dict[str, tuple[tuple[int, ...], str]] = {
-    "digits": ((64,), "classification"),
-    "digits-image": ((1, 8, 8), "classification"),
-    "wine": ((13,), "classification"),
-    "breast_cancer": ((30,), "classification"),
-    "iris": ((4,), "classification"),
-    "gauss": ((10,), "classification"),
-    "moons": ((2,), "classification"),
-    "teacher": ((8,), "regression"),
-}
+DATASETS: dict[str, tuple[tuple[int, ...], str]] = {}
+_LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {}
+_LOSSES: dict[str, str | LossFn] = {}
+#: Architecture name → ``build(spec, input_shape, num_outputs) -> nn.Module`` (called after the init seed is set).
+ARCHS: dict[str, Callable[["TaskSpec", tuple[int, ...], int], nn.Module]] = {}
+
+
+def register_dataset(name: str, shape: tuple[int, ...], kind: str, load: Callable[[], tuple[np.ndarray, np.ndarray]],
+                     loss: str | LossFn | None = None) -> None:
+    """Add (or replace) dataset ``name``: ``load()`` returns raw ``(x, y)`` arrays (``x`` ``(n, *shape)``,
+    standardised per feature on each task's training split; ``y`` class ids, or ``(n, k)`` regression
+    targets); ``kind`` is ``classification`` or ``regression``; ``loss`` defaults to cross-entropy or MSE."""
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"kind must be classification or regression, got {kind!r}")
+    DATASETS[name] = (tuple(int(s) for s in shape), kind)
+    _LOADERS[name] = load
+    if loss is None:
+        _LOSSES.pop(name, None)
+    else:
+        _LOSSES[name] = loss
+
+
+def register_arch(name: str, build: Callable[["TaskSpec", tuple[int, ...], int], nn.Module]) -> None:
+    """Add (or replace) architecture ``name``: ``build(spec, input_shape, num_outputs)`` returns the model
+    (any network ``mpbackprop.compile`` accepts), drawing its initialisation from torch's global RNG."""
+    ARCHS[name] = build
+
+
+def forget(names: Iterable[str] = ()) -> None:
+    """Drop registry entries (datasets and architectures) and every cached task built from any entry."""
+    for name in names:
+        for table in (DATASETS, _LOADERS, _LOSSES, ARCHS):
+            table.pop(name, None)  # type: ignore[attr-defined]
+    _raw.cache_clear()
+    load_dataset.cache_clear()
+    _compiled.cache_clear()
+    for hook in ON_FORGET:
+        hook()
+
+
+#: Called by :func:`forget` (caches of tasks kept elsewhere register their ``clear`` here).
+ON_FORGET: list[Callable[[], None]] = []
+
+
+def _mlp(spec: "TaskSpec", shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    act = _ACTS[spec.activation]
+    layers: list[nn.Module] = []
+    width = math.prod(shape)
+    if len(shape) > 1:
+        layers.append(nn.Flatten())
+    for h in spec.widths:
+        layers += [nn.Linear(width, h), act()]
+        width = h
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def _conv(spec: "TaskSpec", shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    act = _ACTS[spec.activation]
+    layers: list[nn.Module] = []
+    ch, hw = shape[0], shape[1:]
+    for c in spec.widths:
+        layers += [nn.Conv2d(ch, c, 3, padding=1), act(), nn.AvgPool2d(2)]
+        ch, hw = c, (hw[0] // 2, hw[1] // 2)
+    layers += [nn.Flatten(), nn.Linear(ch * hw[0] * hw[1], num_outputs)]
+    return nn.Sequential(*layers)
+
+
+for _name, _shape, _kind, _load in [
+    ("digits", (64,), "classification", lambda: _sk("digits")),
+    ("digits-image", (1, 8, 8), "classification", lambda: _sk("digits")),
+    ("wine", (13,), "classification", lambda: _sk("wine")),
+    ("breast_cancer", (30,), "classification", lambda: _sk("breast_cancer")),
+    ("iris", (4,), "classification", lambda: _sk("iris")),
+    ("gauss", (10,), "classification", lambda: _gauss_mixture(7)),
+    ("moons", (2,), "classification", lambda: _moons(7)),
+    ("teacher", (8,), "regression", lambda: _teacher(7)),
+]:
+    register_dataset(_name, _shape, _kind, _load)
+register_arch("mlp", _mlp)
+register_arch("conv", _conv)
 
 
 @functools.lru_cache(maxsize=32)
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
-    if name in ("digits", "digits-image"):
-        return _sk("digits")
-    if name in ("wine", "breast_cancer", "iris"):
-        return _sk(name)
-    if name == "gauss":
-        return _gauss_mixture(7)
-    if name == "moons":
-        return _moons(7)
-    if name == "teacher":
-        return _teacher(7)
-    raise KeyError(name)
+    return _LOADERS[name]()
 
 
 @functools.lru_cache(maxsize=256)
@@ -148,12 +220,15 @@ class TaskSpec:
     @property
     def name(self) -> str:
         w = "-".join(map(str, self.widths))
+        net = f"{self.arch}-{w}-{self.activation}" if self.widths or self.activation else self.arch
         aug = "".join(f"/{k[0]}{v:.3g}" for k, v in (("xscale", self.input_scale), ("wscale", self.init_scale))
                       if v != 1.0)
-        return f"{self.dataset}/{self.arch}-{w}-{self.activation}/b{self.batch_size}/s{self.init_seed}{aug}"
+        return f"{self.dataset}/{net}/b{self.batch_size}/s{self.init_seed}{aug}"
 
     @property
-    def loss(self) -> str:
+    def loss(self) -> str | LossFn:
+        if self.dataset in _LOSSES:
+            return _LOSSES[self.dataset]
         return "mse" if DATASETS[self.dataset][1] == "regression" else "cross_entropy"
 
     def to_json(self) -> dict[str, Any]:
@@ -173,26 +248,12 @@ class TaskSpec:
     def build_model(self, num_outputs: int) -> nn.Module:
         """The target network, initialised from ``init_seed`` (PyTorch's default initialisation)."""
         shape = DATASETS[self.dataset][0]
-        act = _ACTS[self.activation]
+        try:
+            build = ARCHS[self.arch]
+        except KeyError:
+            raise ValueError(f"unknown arch {self.arch!r}") from None
         torch.manual_seed(self.init_seed)
-        layers: list[nn.Module] = []
-        if self.arch == "mlp":
-            width = math.prod(shape)
-            if len(shape) > 1:
-                layers.append(nn.Flatten())
-            for h in self.widths:
-                layers += [nn.Linear(width, h), act()]
-                width = h
-            layers.append(nn.Linear(width, num_outputs))
-        elif self.arch == "conv":
-            ch, hw = shape[0], shape[1:]
-            for c in self.widths:
-                layers += [nn.Conv2d(ch, c, 3, padding=1), act(), nn.AvgPool2d(2)]
-                ch, hw = c, (hw[0] // 2, hw[1] // 2)
-            layers += [nn.Flatten(), nn.Linear(ch * hw[0] * hw[1], num_outputs)]
-        else:
-            raise ValueError(f"unknown arch {self.arch!r}")
-        model = nn.Sequential(*layers)
+        model = build(self, shape, num_outputs)
         if self.init_scale != 1.0:
             with torch.no_grad():
                 for p in model.parameters():
@@ -223,7 +284,7 @@ class Task:
         self.theta0 = self.net.values_of(spec.build_model(n_out))
 
     @property
-    def loss(self) -> str:
+    def loss(self) -> str | LossFn:
         return self.spec.loss
 
     def batch_generator(self, stream: int = 0) -> torch.Generator:
@@ -264,6 +325,12 @@ class TaskFamily:
     members: tuple[str, ...] = ()  # a mixture: draw a member family first, then its task
     augment: bool = False  # task augmentation (wider nets, input and initial-weight rescaling)
     augment_depth: bool = False  # with augment: also 4x wider and 2x deeper MLPs (see _deepened)
+    # task files (mpbackprop.taskfile): architectures drawn per task, in place of arch/widths/activations;
+    # log-uniform ranges of the input and initial-weight scales; the file and its fingerprint
+    archs: tuple[str, ...] = ()
+    scales: dict[str, tuple[float, float]] = field(default_factory=dict)
+    source: str = ""
+    sha256: str = ""
 
     def sample(self, rng: random.Random, split: str) -> TaskSpec:
         """A task of ``split`` (``train``/``valid``/``heldout``), drawn with ``rng``."""
@@ -280,6 +347,13 @@ class TaskFamily:
 
     def _sample_own(self, rng: random.Random, split: str) -> TaskSpec:
         base = _SEED_BASE[split]
+        if self.archs:
+            spec = TaskSpec(dataset=rng.choice(self.datasets), arch=rng.choice(self.archs), widths=(), activation="",
+                            batch_size=rng.choice(self.batch_sizes), init_seed=base + rng.randrange(_SEED_SPAN),
+                            data_seed=base + rng.randrange(_SEED_SPAN))
+            scale = {k: round(math.exp(rng.uniform(math.log(lo), math.log(hi))), 4) if lo != hi else lo
+                     for k, (lo, hi) in sorted(self.scales.items())}
+            return replace(spec, input_scale=scale.get("input", 1.0), init_scale=scale.get("init", 1.0))
         return TaskSpec(
             dataset=rng.choice(self.datasets),
             arch=self.arch,
@@ -343,6 +417,11 @@ def _deepened(spec: TaskSpec, rng: random.Random) -> TaskSpec:
         return spec
     widths = tuple(2 * w for w in spec.widths) if wider else spec.widths
     return replace(spec, widths=widths * 2 if deeper else widths)
+
+
+def register_family(family: TaskFamily) -> None:
+    """Add (or replace) ``family`` in :data:`FAMILIES` (its datasets and architectures must be registered)."""
+    FAMILIES[family.name] = family
 
 
 def get_family(name: str) -> TaskFamily:

@@ -10,12 +10,20 @@ the module without copies and the module stays usable as it was. Parameters with
 ``requires_grad=False`` are frozen, as a ``torch.optim`` optimizer skips them: every step
 leaves them (and their update state) unchanged, bit for bit, with every rule and update; the
 flag is read again at each step, so freezing or unfreezing between steps takes effect.
+
+As a ``torch.optim`` optimizer, a trainer is checkpointed with :meth:`Trainer.state_dict` beside the
+model's own ``state_dict()``; restoring both (:meth:`Trainer.load_state_dict`, before or after the first
+step) and feeding the same batches continues the run exactly, bit for bit:
+
+>>> torch.save({"model": model.state_dict(), "trainer": trainer.state_dict()}, "ckpt.pt")
+>>> ckpt = torch.load("ckpt.pt", weights_only=True)
+>>> model.load_state_dict(ckpt["model"]); trainer.load_state_dict(ckpt["trainer"])
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -47,11 +55,16 @@ class Trainer:
     total_steps : int, optional
         The length of the training run, as for a cosine schedule's ``T_max``: update rules with a
         schedule (the ``scheduled`` learned update) need it; past it they keep their final step size.
+    schedule : callable, optional
+        ``schedule(step) -> float``, a multiplier of the step the update rule takes at the 0-based
+        ``step`` (as ``LambdaLR``'s ``lr_lambda`` multiplies a learning rate): it composes with any update,
+        learned ones included, and leaves the update's state (moments) as the update made it. Not part
+        of :meth:`state_dict` (a function, as ``LambdaLR``'s is not); the step count it reads is.
     """
 
     def __init__(self, model: nn.Module, rule: str | os.PathLike | BackwardRule = "exact",
                  update: str | UpdateRule | None = None, loss: str | LossFn = "cross_entropy",
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, schedule: Callable[[int], float] | None = None) -> None:
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
@@ -76,6 +89,8 @@ class Trainer:
         self.rule_state: dict[str, Tensor] = {}
         self.opt_state: dict[str, Tensor] = {}
         self.steps = 0
+        self.schedule = schedule
+        self._pending: dict[str, dict[str, Tensor]] | None = None  # loaded state waiting for the first step
 
     def _bind(self, x: Tensor) -> None:
         net = compile(self.model, x)
@@ -85,6 +100,9 @@ class Trainer:
         self.net, self.theta = net, theta
         self.rule_state = self.rule.init_state(net)
         self.opt_state = self.update.init_state(theta)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._restore(pending["rule_state"], pending["update_state"])
 
     def _sync_frozen(self) -> None:
         """Mark the network's tensors frozen exactly where the module's ``requires_grad`` is False."""
@@ -112,8 +130,75 @@ class Trainer:
         self._sync_frozen()
         result = train_step(self.net, self.theta, x, y, self.rule, self.update, self.rule_state, self.opt_state,
                             self.steps, loss=loss_fn, trace=trace, total_steps=self.total_steps)
+        new_theta = result.theta
+        if self.schedule is not None:
+            factor = float(self.schedule(self.steps))
+            new_theta = self.theta + factor * (new_theta - self.theta)
         with torch.no_grad():
-            self.theta.copy_(result.theta)
+            self.theta.copy_(new_theta)
         self.opt_state = result.state
         self.steps += 1
         return float(result.loss)
+
+    # ------------------------------------------------------------------ checkpoints (torch.optim's convention)
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the run's next steps depend on besides the model's parameters and the data.
+
+        ``steps`` and ``total_steps``; ``rule`` and ``update`` — name, configuration and learned weights
+        of each rule (the analogue of an optimizer's ``param_groups``); ``rule_state`` — the backward
+        rule's per-network state (feedback matrices; empty for exact backprop); ``update_state`` — the
+        update's moments. The two states are empty before the first step. Tensors are copies; the dict
+        holds only tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
+        """
+        def rule_entry(r: nn.Module) -> dict[str, Any]:
+            return {"name": r.name, "config": r.config(),
+                    "weights": {k: v.detach().clone() for k, v in r.state_dict().items()}}
+
+        if self._pending is not None:  # loaded, not yet bound: hand back what was loaded
+            rule_state, update_state = self._pending["rule_state"], self._pending["update_state"]
+        else:
+            rule_state, update_state = self.rule_state, self.opt_state
+        return {"steps": self.steps, "total_steps": self.total_steps,
+                "rule": rule_entry(self.rule), "update": rule_entry(self.update),
+                "rule_state": {k: v.detach().clone() for k, v in rule_state.items()},
+                "update_state": {k: v.detach().clone() for k, v in update_state.items()}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (load the model's ``state_dict()`` too: the parameters
+        live there). The rules must be the same kind with the same configuration; their learned weights,
+        the step count, ``total_steps`` and the states are taken from ``state_dict``. Raises
+        ``ValueError`` naming what does not match."""
+        missing = {"steps", "total_steps", "rule", "update", "rule_state", "update_state"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not a Trainer state_dict: missing {', '.join(sorted(missing))}")
+        for key, rule in (("rule", self.rule), ("update", self.update)):
+            saved = state_dict[key]
+            if saved["name"] != rule.name or saved["config"] != rule.config():
+                raise ValueError(f"the state_dict's {key} is {saved['name']} {saved['config']}, this trainer's is "
+                                 f"{rule.name} {rule.config()}")
+        steps, total = state_dict["steps"], state_dict["total_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        for key, rule in (("rule", self.rule), ("update", self.update)):
+            rule.load_state_dict(state_dict[key]["weights"])
+        self.steps, self.total_steps = steps, total
+        rule_state = {k: v.detach().clone() for k, v in state_dict["rule_state"].items()}
+        update_state = {k: v.detach().clone() for k, v in state_dict["update_state"].items()}
+        if self.net is None:
+            self._pending = {"rule_state": rule_state, "update_state": update_state}
+        else:
+            self._restore(rule_state, update_state)
+
+    def _restore(self, rule_state: dict[str, Tensor], update_state: dict[str, Tensor]) -> None:
+        """Put saved states in place of the fresh ones, which fix the keys and shapes they must have
+        (empty saved states — saved before any step — keep the fresh ones)."""
+        for what, saved, fresh in (("rule_state", rule_state, self.rule_state),
+                                   ("update_state", update_state, self.opt_state)):
+            if not saved:
+                continue
+            if set(saved) != set(fresh) or any(saved[k].shape != fresh[k].shape for k in fresh):
+                shapes = {k: tuple(v.shape) for k, v in saved.items()}
+                raise ValueError(f"the state_dict's {what} {shapes} does not fit this model "
+                                 f"({ {k: tuple(v.shape) for k, v in fresh.items()} })")
+        self.rule_state = rule_state or self.rule_state
+        self.opt_state = update_state or self.opt_state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +68,10 @@ class MetaConfig:
     start_offsets : bool
         Start each task slot's first inner run at a random step of its horizon (run there with the
         initial rule, without gradients), so the slots are out of phase from the first outer step.
+    task_file, task_sha256 : str, optional
+        A task file (:mod:`mpbackprop.taskfile`) whose family is the run's (``family`` is then its name),
+        stored as an absolute path, and the fingerprint of the file and its data; a run refuses to
+        continue, or be evaluated, with a file that has moved or changed.
     eval_multiples : tuple of int
         Meta-validation trains each validation task for ``k·eval_horizon`` steps for each ``k`` here
         (the rule told that length) and scores the mean log validation loss at the end, averaged over
@@ -110,8 +115,12 @@ class MetaConfig:
     checkpoint_every: int = 20
     diverge_factor: float = 5.0
     seed: int = 0
+    task_file: str | None = None
+    task_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        if self.task_file is not None:  # register the file's family first: it is the run's family
+            self._load_task_file()
         problems = [p for name in _RULES if (p := _check(self, name))]
         if not problems and self.truncation > self.unroll[1]:
             problems.append(f"truncation must not exceed the longest unroll (got {self.truncation} > "
@@ -120,10 +129,32 @@ class MetaConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def _load_task_file(self) -> None:
+        """Run the task file (``ValueError`` when it is missing, broken, or differs from ``task_sha256``);
+        record its absolute path and fingerprint, and take its family."""
+        from ..errors import TaskFileError
+        from ..taskfile import load_task_file
+
+        if not isinstance(self.task_file, str) or not self.task_file:
+            raise ValueError(f"task_file must be the path of a task file (got {_show(self.task_file)})")
+        if self.task_sha256 is not None and not (isinstance(self.task_sha256, str)
+                                                 and re.fullmatch(r"[0-9a-f]{64}", self.task_sha256)):
+            raise ValueError(f"task_sha256 must be 64 hex digits (got {_show(self.task_sha256)})")
+        try:
+            loaded = load_task_file(self.task_file, self.task_sha256)
+        except TaskFileError as exc:
+            raise ValueError(str(exc)) from None
+        self.task_file, self.task_sha256, self.family = str(loaded.path), loaded.sha256, loaded.family.name
+
     def to_json(self) -> dict[str, Any]:
+        """Plain fields; ``task_file`` and ``task_sha256`` only for a task-file run (so configs of the
+        built-in families read as they did before task files existed)."""
         d = asdict(self)
         d["unroll"] = list(self.unroll)
         d["eval_multiples"] = list(self.eval_multiples)
+        for key in ("task_file", "task_sha256"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def dumps(self) -> str:
@@ -161,7 +192,19 @@ class MetaConfig:
         return cls.from_json(data)
 
     def replace(self, **changes: Any) -> "MetaConfig":
-        return MetaConfig.from_json({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        base = self.to_json()
+        if "task_file" in changes and "task_sha256" not in changes and not _same_file(changes["task_file"],
+                                                                                     self.task_file):
+            base.pop("task_sha256", None)  # another file: its own fingerprint
+        return MetaConfig.from_json({**base, **changes})
+
+
+def _same_file(a: Any, b: str | None) -> bool:
+    try:
+        return b is not None and Path(a).expanduser().resolve() == Path(b).resolve()
+    except (TypeError, OSError):
+        return False
 
 
 # ----------------------------------------------------------------------------- validation
@@ -273,6 +316,8 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "checkpoint_every": _AT_LEAST_1,
     "diverge_factor": _number(lambda v: v > 1, "a finite number > 1, a multiple of the initial loss"),
     "seed": _integer(0, MAX_META_SEED),
+    "task_file": (lambda v: v, "a path"),  # checked (and loaded) first, in __post_init__
+    "task_sha256": (lambda v: v, "64 hex digits"),
 }
 assert set(_RULES) == {f.name for f in fields(MetaConfig)}, "every config field needs a rule"
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..engine import train_step
 from ..rules import BackwardRule, UpdateRule
-from ..tasks import Task, TaskSpec
+from ..tasks import ON_FORGET, Task, TaskSpec
 
 __all__ = ["InnerState", "new_inner", "unroll", "step_weight", "UnrollResult"]
 
@@ -63,6 +63,7 @@ class InnerState:
 
 
 _TASKS: dict[TaskSpec, Task] = {}
+ON_FORGET.append(_TASKS.clear)  # a task file reloaded with new content: its tasks are built again
 
 
 def get_task(spec: TaskSpec) -> Task:
