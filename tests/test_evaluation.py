@@ -161,3 +161,21 @@ def test_summary_counts_failed_runs_and_the_ratio_to_adam():
     assert learned["failed"] == 1 and learned["diverged"] == 0 and learned["runs"] == 2
     assert learned["ratio_to_adam_max"] == pytest.approx(1.6 / 0.5)
     loads_strict(dumps(rep))
+
+
+def test_step_time_leaves_out_a_fused_kernels_compilation(monkeypatch):
+    from mpbackprop.rules import kernels
+
+    spec = TaskSpec()
+    plain = ev.run_method(spec, "adam", 3, 0, lr=1e-3)
+    log: list[dict] = []
+
+    def compile_log():  # a compilation of 1000 s is logged during the run
+        out = list(log)
+        log.append({"kernel": "scheduled", "params": 1, "seconds": 1000.0})
+        return out
+
+    monkeypatch.setattr(kernels, "compile_log", compile_log)
+    timed = ev.run_method(spec, "adam", 3, 0, lr=1e-3)
+    assert plain.ms_per_step > 0 and timed.ms_per_step == 0.0  # 1000 s taken off (clamped at 0)
+    assert timed.loss == plain.loss
