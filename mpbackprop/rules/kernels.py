@@ -19,9 +19,10 @@ statistics, one to compute the step — as ``torch.optim``'s ``foreach``/``fused
   for the compilation — ``total_steps × estimated saving per step ≥`` :data:`COMPILE_COST_S`,
   decided from the run's stated length and parameter count alone, so that the same run always takes
   the same path (a short run, e.g. a meta-training task, stays eager). Compiled kernels are cached
-  per layout for the life of the process (inductor also caches generated code on disk);
-  :func:`compile_log` reports each compilation's seconds. A compilation that fails turns fused
-  kernels off for the process with one warning; the step falls back to the eager code.
+  per layout for the life of the process (inductor also caches generated code on disk).
+* :func:`run` — calls what :func:`choose` returned; :func:`compile_log` reports each compilation's
+  seconds. A compilation that fails turns fused kernels off for the process with one warning, and
+  ``run`` returns ``None``: the rule falls back to its eager code.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "set_mode", "get_mode", "available", "choose", "compile_log", "scheduled_step",
+__all__ = ["MODES", "set_mode", "get_mode", "available", "choose", "run", "compile_log", "scheduled_step",
            "COMPILE_COST_S"]
 
 MODES = ("auto", "on", "off")
