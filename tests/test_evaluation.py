@@ -53,10 +53,16 @@ def test_summary_speedup_and_paired_differences():
     # Adam reaches 0.55 at step 10; the fast curve reaches it at step 6 (1 - 0.1*5 = 0.5 <= 0.55)
     assert m["learned"]["steps_to_adam_loss"] == 6 and m["learned"]["speedup_vs_adam"] == pytest.approx(10 / 6)
     assert m["sgd"]["speedup_vs_adam"] == 0.0  # never reached
+    # wall clock: Adam takes 10 steps x 2 ms; the fast curve 6 steps x 3 ms
+    assert m["adam"]["wallclock_speedup_vs_adam"] == 1.0
+    assert m["learned"]["wallclock_speedup_vs_adam"] == pytest.approx(20 / 18)
+    assert m["sgd"]["wallclock_speedup_vs_adam"] == 0.0
+    assert doc["methods"]["learned"]["wallclock_speedup_vs_adam"] == pytest.approx(20 / 18)
     assert m["learned"]["paired_diff_vs_adam"]["mean"] == pytest.approx(0.1 - 0.55)
     assert doc["methods"]["learned"]["val_acc_mean"] == pytest.approx(0.6)
     lines = ev.format_report(doc, methods=("learned", "sgd", "adam"))
     assert any("<1" in line for line in lines)
+    assert "wall" in lines[1] and any(" 1.11 " in line for line in lines if line.lstrip().startswith("learned"))
 
 
 @pytest.mark.parametrize("suite", ev.SUITES)
@@ -155,3 +161,21 @@ def test_summary_counts_failed_runs_and_the_ratio_to_adam():
     assert learned["failed"] == 1 and learned["diverged"] == 0 and learned["runs"] == 2
     assert learned["ratio_to_adam_max"] == pytest.approx(1.6 / 0.5)
     loads_strict(dumps(rep))
+
+
+def test_step_time_leaves_out_a_fused_kernels_compilation(monkeypatch):
+    from mpbackprop.rules import kernels
+
+    spec = TaskSpec()
+    plain = ev.run_method(spec, "adam", 3, 0, lr=1e-3)
+    log: list[dict] = []
+
+    def compile_log():  # a compilation of 1000 s is logged during the run
+        out = list(log)
+        log.append({"kernel": "scheduled", "params": 1, "seconds": 1000.0})
+        return out
+
+    monkeypatch.setattr(kernels, "compile_log", compile_log)
+    timed = ev.run_method(spec, "adam", 3, 0, lr=1e-3)
+    assert plain.ms_per_step > 0 and timed.ms_per_step == 0.0  # 1000 s taken off (clamped at 0)
+    assert timed.loss == plain.loss

@@ -26,7 +26,7 @@ def test_bench_quick_json_and_readme_section(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["ratios"]) == {"exact_vs_autograd", "learned_vs_adam"}
     case = doc["cases"][0]
-    assert set(case["ms_per_step"]) == {"autograd_sgd", "autograd_adam", "exact", "fa", "learned"}
+    assert set(case["ms_per_step"]) == {"autograd_sgd", "autograd_adam", "exact", "fa", "learned", "learned_eager"}
     assert all(v > 0 for v in case["ms_per_step"].values())
     text = readme.read_text()
     assert "<!-- bench:start -->" in text and "mlp-64-128-10" in text

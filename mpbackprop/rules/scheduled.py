@@ -34,6 +34,10 @@ correction, and a step size from a schedule relative to the run's stated length.
 **Past the stated length** (``t ≥ T``) the progress stays at ``τ = 1``: the step size stays at its floor
 ``f·η`` and the MLP sees the features of the run's end — a run longer than stated continues as its end
 did, never with a growing step. Without a stated length (``total_steps=None``) the rule refuses to step.
+
+**Cost.** Without autograd the same step may run as one fused kernel per network
+(:func:`mpbackprop.rules.kernels.scheduled_step`, compiled; :func:`~mpbackprop.rules.kernels.choose`
+decides); :meth:`ScheduledUpdate.step`'s code below is its reference.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import kernels
 from .base import UpdateContext, UpdateRule
 from .learned import _feature_mlp, _tanh, mlp
 
@@ -167,9 +172,15 @@ class ScheduledUpdate(UpdateRule):
             signal = torch.cat([signal, signal.new_zeros(signal.shape[0], self.signal_dim - signal.shape[1])], 1)
         elif signal.shape[1] > self.signal_dim:
             raise ValueError(f"signal has {signal.shape[1]} channels, this update takes {self.signal_dim}")
+        sizes = ctx.sizes or tuple(torch.bincount(ctx.segments, minlength=ctx.num_segments).tolist())
+        kernel = kernels.choose("scheduled", (sizes, _DECAYS, _BETA2, self.correction > 0), ctx.total_steps,
+                                ctx.theta, signal, self.log_lr_scale)
+        if kernel is not None:  # the same step, fused (no autograd): rules/kernels.py
+            fused = kernels.run("scheduled", kernel, *self._kernel_inputs(ctx, signal, sizes))
+            if fused is not None:
+                return fused[0], {"m": fused[1], "v": fused[2]}
         g, theta = signal[:, 0], ctx.theta
         t = ctx.step + 1
-        sizes = ctx.sizes or tuple(torch.bincount(ctx.segments, minlength=ctx.num_segments).tolist())
         weight = torch.tensor([[1 - beta] for beta in _DECAYS], dtype=g.dtype)
         m = torch.lerp(ctx.state["m"], g, weight)
         v = torch.lerp(ctx.state["v"], g * g, 1 - _BETA2)
@@ -197,6 +208,30 @@ class ScheduledUpdate(UpdateRule):
                 decay = decay * torch.repeat_interleave(is_weight, torch.tensor(sizes), output_size=g.numel())
             delta = delta + decay * theta
         return theta - delta, {"m": m, "v": v}
+
+    def _kernel_inputs(self, ctx: UpdateContext, signal: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """The arguments of :func:`~mpbackprop.rules.kernels.scheduled_step` for this step: the
+        per-step constants of :meth:`step` (bias corrections, the MLP's first-layer bias with the
+        progress inputs folded in, step size × width factor and weight decay per tensor)."""
+        t = ctx.step + 1
+        dtype = signal.dtype
+        scalars = torch.tensor([1 / (1 - _BETA2**t), self.correction, *(1 / (1 - beta**t) for beta in _DECAYS)],
+                               dtype=dtype)
+        first, last = self.net[0], self.net[-1]
+        n_feat = self.signal_dim + len(_DECAYS)
+        tau = min(ctx.step / ctx.total_steps, 1.0)  # type: ignore[operator]
+        b1 = first.bias + first.weight[:, n_feat:] @ torch.tensor([tau, math.cos(math.pi * tau)], dtype=dtype)
+        eta = self.step_size(ctx.step, ctx.total_steps)  # type: ignore[arg-type]
+        if ctx.fan_in is None:
+            rate = eta.expand(len(sizes))
+            decay = (torch.exp(self.log_wd) * eta).expand(len(sizes)) if self.weight_decay else torch.zeros_like(rate)
+        else:
+            logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=dtype)
+            rate = eta * torch.exp(-self.width_exponent() * logs)
+            is_weight = torch.tensor([f > 0 for f in ctx.fan_in], dtype=dtype)
+            decay = torch.exp(self.log_wd) * eta * is_weight if self.weight_decay else torch.zeros_like(rate)
+        return (signal, ctx.theta, ctx.state["m"], ctx.state["v"], scalars, first.weight[:, :n_feat], b1,
+                last.weight[0], torch.stack([rate, decay], 1))
 
     def __repr__(self) -> str:
         return (f"ScheduledUpdate(signal_dim={self.signal_dim}, hidden={self.hidden}, lr={self.lr:g}, "
