@@ -1,21 +1,22 @@
 """The registry of layer kinds: one module per kind (method.md §1; :mod:`mpbackprop.kinds.base` says
 what a kind provides). The compiler, the network's forward passes, the engine, the graph budget and the
-pictures read it; adding a kind is one new module registered here.
+pictures read it. Adding a kind is adding one module to this package: every concrete
+:class:`~mpbackprop.kinds.base.Kind` subclass defined in a module here is found and registered.
 
-Registration order fixes the integer ids on ``g.nodes['neuron'].data['kind']``: existing ids never move,
-new kinds are appended.
+Each kind states its integer id (``Kind.id``, stored on ``g.nodes['neuron'].data['kind']``): existing
+ids never move, a new kind takes the next free one (the ids must run 0, 1, 2, ... without gaps).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .avgpool2d import AvgPool2d
+import importlib
+import pkgutil
+from typing import Any
+
 from .base import (DIAGONAL, FULL, SCALAR, BlockGrad, BlockInput, Coefficients, FixedKind, ForwardContext, Kind,
                    LayerEdges, WeightedKind, select_kernel)
-from .combine import Act, Add, Input, Scale
-from .conv2d import Conv2d
-from .linear import Linear
 
 __all__ = ["REGISTRY", "KIND_NAMES", "get", "for_module", "for_function", "for_method", "supported_text",
            "Kind", "WeightedKind", "FixedKind", "Coefficients", "BlockInput", "BlockGrad", "ForwardContext",
@@ -25,16 +26,25 @@ __all__ = ["REGISTRY", "KIND_NAMES", "get", "for_module", "for_function", "for_m
 REGISTRY: dict[str, Kind] = {}
 
 
-def register(kind: Kind) -> Kind:
-    """Add ``kind`` to the registry (its id is the next free one)."""
-    if kind.name in REGISTRY:
-        raise ValueError(f"layer kind {kind.name!r} is registered twice")
-    REGISTRY[kind.name] = kind
-    return kind
+def _discover() -> list[Kind]:
+    """One instance of every concrete kind defined in this package's modules, in id order."""
+    found: dict[str, Kind] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Kind) and obj.__module__ == module.__name__
+                    and obj.name and not obj.__name__.startswith("_")):
+                found[obj.name] = obj()
+    kinds = sorted(found.values(), key=lambda k: k.id)
+    ids = [k.id for k in kinds]
+    if ids != list(range(len(kinds))):
+        raise RuntimeError(f"layer kind ids must run 0..{len(kinds) - 1} without repeats, got "
+                           + ", ".join(f"{k.name}={k.id}" for k in kinds))
+    return kinds
 
 
-for _kind in (Input(), Linear(), Conv2d(), AvgPool2d(), Add(), Scale(), Act()):
-    register(_kind)
+for _kind in _discover():
+    REGISTRY[_kind.name] = _kind
 
 #: Every kind's name, in id order.
 KIND_NAMES: tuple[str, ...] = tuple(REGISTRY)

@@ -27,6 +27,7 @@ class AvgPool2d(FixedKind):
     """``nn.AvgPool2d`` / ``F.avg_pool2d`` (``ceil_mode=False``)."""
 
     name = "avgpool2d"
+    id = 3
     colour = "#c9a227"
     modules = (nn.AvgPool2d,)
     functions = (F.avg_pool2d,)

@@ -152,8 +152,10 @@ class BlockGrad:
 class Kind:
     """One kind of block. Subclasses live one per module in :mod:`mpbackprop.kinds`."""
 
-    #: Name on ``Layer.kind``; ids on ``g.nodes['neuron'].data['kind']`` follow registration order.
+    #: Name on ``Layer.kind``.
     name: ClassVar[str] = ""
+    #: Id on ``g.nodes['neuron'].data['kind']``: fixed once given (saved graphs keep it); the next free one.
+    id: ClassVar[int] = -1
     #: Whether its uses carry learned weights (edge types ``in_L``/``out_L``), else fixed edges.
     weighted: ClassVar[bool] = False
     #: Plot colour of its neurons.

@@ -27,6 +27,7 @@ class Add(_Combination):
     """``a + b``, ``a - b``, ``torch.add(a, b, alpha=…)``: one edge per element and operand."""
 
     name = "add"
+    id = 4
     colour = "#8172b3"
     supported = "residual +/-"
 
@@ -35,6 +36,7 @@ class Scale(_Combination):
     """``c·a``, ``a / c``, ``-a`` for a Python number ``c``."""
 
     name = "scale"
+    id = 5
     colour = "#da8bc3"
     supported = "scaling by a constant"
 
@@ -43,6 +45,7 @@ class Act(_Combination):
     """An activation block of its own, joined to its input by identity edges."""
 
     name = "act"
+    id = 6
     colour = "#64b5cd"
 
 
@@ -50,4 +53,5 @@ class Input(FixedKind):
     """Block 0: the network input (no edges, never run)."""
 
     name = "input"
+    id = 0
     colour = "#9e9e9e"

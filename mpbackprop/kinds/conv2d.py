@@ -21,6 +21,7 @@ class Conv2d(WeightedKind):
     """``nn.Conv2d``; uses come from unfolding a map of input indices (padding taps dropped)."""
 
     name = "conv2d"
+    id = 2
     colour = "#55a868"
     modules = (nn.Conv2d,)
     supported = "Conv2d (groups=1, zero padding)"

@@ -20,6 +20,7 @@ class Linear(WeightedKind):
     """``nn.Linear``. Uses ``(r·n_in + i, o·n_in + i, r·n_out + o)`` over leading rows ``r``."""
 
     name = "linear"
+    id = 1
     colour = "#4c72b0"
     modules = (nn.Linear,)
     supported = "Linear"
