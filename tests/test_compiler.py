@@ -649,7 +649,8 @@ HERE = os.path.basename(__file__)
 REFUSALS = [
     ("batchnorm1d", lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), (4,), ["BatchNorm1d", "'1'"]),
     ("batchnorm2d", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), (1, 8, 8), ["BatchNorm2d", "'1'"]),
-    ("maxpool", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), (1, 8, 8), ["MaxPool2d", "'1'"]),
+    ("maxpool-ceil", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True)), (1, 8, 8),
+     ["MaxPool2d", "ceil_mode", "'1'"]),
     ("lstm", _LSTM, (3, 4), ["LSTM", "'rnn'"]),
     ("attention", _Attention, (3, 4), ["MultiheadAttention", "'attn'"]),
     ("sort", _Sort, (4,), ["sort"]),
