@@ -664,8 +664,14 @@ def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
     example = torch.zeros((2, *input_shape), dtype=dtype)
-    with torch.no_grad():
-        _ShapeRecorder(gm, describe).run(example)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm, describe).run(example)
+    finally:  # the shape pass leaves the module as it was (BatchNorm in training mode updates its statistics)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
     try:
         check_budget(estimate(gm, model), type(model[0] if wrapped else model).__name__)
     except GraphTooLargeError:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import contextlib
 import importlib
 import pkgutil
-from typing import Any
+from typing import Any, Iterator
 
 from .base import (DIAGONAL, FULL, SCALAR, BlockGrad, BlockInput, Coefficients, FixedKind, ForwardContext, Kind,
                    LayerEdges, WeightedKind, select_kernel)
 
 __all__ = ["REGISTRY", "KIND_NAMES", "get", "for_module", "for_function", "for_method", "supported_text",
+           "compiled_modes",
            "Kind", "WeightedKind", "FixedKind", "Coefficients", "BlockInput", "BlockGrad", "ForwardContext",
            "LayerEdges", "select_kernel", "SCALAR", "DIAGONAL", "FULL"]
 
@@ -80,6 +82,23 @@ def for_method(name: str) -> Kind | None:
         if name in kind.methods:
             return kind
     return None
+
+
+@contextlib.contextmanager
+def compiled_modes(model: Any) -> Iterator[None]:
+    """Within the block, every submodule of ``model`` whose kind computes in one mode only
+    (:attr:`Kind.module_training`) is in that mode; the flags are restored afterwards."""
+    saved = []
+    for mod in model.modules():
+        kind = for_module(mod)
+        if kind is not None and kind.module_training is not None and mod.training != kind.module_training:
+            saved.append((mod, mod.training))
+            mod.training = kind.module_training
+    try:
+        yield
+    finally:
+        for mod, flag in saved:
+            mod.training = flag
 
 
 def supported_text() -> tuple[str, str]:

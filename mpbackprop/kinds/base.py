@@ -168,6 +168,9 @@ class Kind:
     supported: ClassVar[str] = ""
     #: Whether it reads the leading per-sample axis as channels (a spatial op: Conv2d, pooling).
     spatial: ClassVar[bool] = False
+    #: The ``training`` flag its modules must have for the compiled block to compute what they compute
+    #: (BatchNorm: True, batch statistics; Dropout: False, no random mask); ``None``: either.
+    module_training: ClassVar[bool | None] = None
 
     # ------------------------------------------------------------------ trace
     def trace(self, builder: Any, node: Any, mod: Any) -> Any:
