@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .engine import backward as run_backward
 from .engine import forward_and_seed
+from .kinds import Coefficients
 from .losses import resolve_loss
 from .network import CompiledNetwork
 from .rules import Adam, BackwardRule, LayerContext, UpdateContext, UpdateRule
@@ -83,13 +84,7 @@ def _messages(net: CompiledNetwork, layer: Any, b: Tensor, coef: Tensor) -> Tens
     view = net.views[layer.index]
     dst = view.fwd.edges()[1]  # post-neuron of each use (block-local)
     bj = b[dst]  # (E, d, B)
-    c = coef[view.param]
-    if c.dim() == 1:
-        m = c.view(-1, 1) * bj[:, 0]
-    elif c.dim() == 2:
-        m = c[:, :1] * bj[:, 0]
-    else:
-        m = torch.einsum("ex,exb->eb", c[:, 0, :], bj)
+    m = Coefficients.of(coef).channel0(view.param, bj)  # type: ignore[union-attr]
     return m.abs().mean(-1)
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import MPBackpropError
+from .kinds import Kind, for_function, for_method, for_module
 
 __all__ = ["ENV_VAR", "DEFAULT_LIMIT_GB", "GraphEstimate", "GraphTooLargeError", "check_budget", "estimate",
            "limit_gb"]
@@ -70,26 +70,23 @@ def _per_sample(value: object) -> int:
     return math.prod(value.shape[1:]) if isinstance(value, Tensor) and value.dim() >= 1 else 0
 
 
-def _window(node: torch.fx.Node, mod: nn.Module | None) -> int:
-    """Elements each output of a pooling node reads (1 for element-wise nodes)."""
+def _kind_of(node: torch.fx.Node, mod: nn.Module | None) -> Kind | None:
     if mod is not None:
-        kernel = getattr(mod, "kernel_size", 1)
-    elif node.op == "call_function" and node.target is F.avg_pool2d:
-        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size", 1)
-    else:
-        return 1
-    if isinstance(kernel, int):
-        return kernel * kernel
-    return math.prod(int(k) for k in kernel) if isinstance(kernel, (tuple, list)) else 1
+        return for_module(mod)
+    if node.op == "call_function":
+        return for_function(node.target)
+    if node.op == "call_method":
+        return for_method(str(node.target))
+    return None
 
 
 def estimate(gm: torch.fx.GraphModule, root: nn.Module) -> GraphEstimate:
     """Count what compiling ``gm`` will create, from the per-node values in ``node.meta['value']``.
 
-    Weighted layers count their uses exactly for ``Linear`` and as an upper bound for ``Conv2d``
-    (taps in the zero padding have no use); every other tensor-valued node counts as a block of
-    fixed edges, one per element and tensor input (an upper bound: re-indexings and folded
-    activations create none).
+    Each node a registered kind traces counts what the kind says (:meth:`~mpbackprop.kinds.Kind.estimate`:
+    uses exactly for ``Linear``, an upper bound for ``Conv2d`` whose taps in the zero padding have no
+    use, window edges for pooling); every other tensor-valued node counts as a block of fixed edges, one
+    per element and tensor input (an upper bound: re-indexings and folded activations create none).
     """
     est = GraphEstimate(params=sum(p.numel() for p in root.parameters()))
     for node in gm.graph.nodes:
@@ -102,15 +99,12 @@ def estimate(gm: torch.fx.GraphModule, root: nn.Module) -> GraphEstimate:
             continue
         est.neurons += size
         mod = root.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(mod, nn.Linear):
-            est.uses += size * mod.in_features
-            est.bias_edges += size if mod.bias is not None else 0
-        elif isinstance(mod, nn.Conv2d):
-            est.uses += size * math.prod(mod.weight.shape[1:])
-            est.bias_edges += size if mod.bias is not None else 0
-        else:
-            inputs = sum(isinstance(a.meta.get("value"), Tensor) for a in node.all_input_nodes)
-            est.fixed_edges += size * max(inputs, 1) * _window(node, mod)
+        inputs = sum(isinstance(a.meta.get("value"), Tensor) for a in node.all_input_nodes)
+        kind = _kind_of(node, mod)
+        uses, bias, fixed = kind.estimate(node, mod, size, inputs) if kind is not None else (0, 0, size * max(inputs, 1))
+        est.uses += uses
+        est.bias_edges += bias
+        est.fixed_edges += fixed
     return est
 
 

@@ -5,11 +5,10 @@ The module is traced with :mod:`torch.fx`, so ``nn.Sequential`` and hand-written
 the traced graph turns every supported operation into a :class:`~mpbackprop.layers.Layer`
 plus its edges:
 
-* ``Linear`` / ``Conv2d``: one *use* ``(i, p, j)`` per multiply ``z_j += w_p·a_i``.
-  Convolution uses come from unfolding a map of input indices, so weight sharing
-  and zero padding are exact by construction.
-* ``AvgPool2d``, residual ``+``/``-``, scaling by a constant: fixed-coefficient
-  neuron→neuron edges.
+* layer modules and functions: the registered kind that traces them (:mod:`mpbackprop.kinds`, one
+  module per kind) adds the block and its edges — ``Linear`` / ``Conv2d`` one *use* ``(i, p, j)``
+  per multiply ``z_j += w_p·a_i``, pooling fixed-coefficient neuron→neuron edges, ...;
+* residual ``+``/``-``, scaling by a constant: fixed-coefficient neuron→neuron edges.
 * Activations become a property of the neurons they act on; a second activation
   on the same values (or one applied to values also used raw) gets its own block
   joined by identity edges.
@@ -36,32 +35,18 @@ from torch import Tensor
 from .activations import Activation
 from .budget import GraphTooLargeError, check_budget, estimate
 from .errors import MPBackpropError, ShapeError, UnsupportedOpError
+from . import kinds as _kinds
+from .kinds import LayerEdges, supported_text
 from .layers import Layer, ParamTensor
 from .tracecheck import MutationWatch, check_autograd_semantics, grad_mode_meta
 
 __all__ = ["LayerEdges", "Trace", "check_input_shape", "trace_module", "SUPPORTED"]
 
+_KIND_LAYERS, _KIND_COMBINATIONS = supported_text()
 SUPPORTED = (
-    "Linear, Conv2d (groups=1, zero padding), AvgPool2d, ReLU, LeakyReLU, ELU, GELU, SiLU, Tanh, "
-    "Sigmoid, Softplus, Identity, Flatten/view/reshape, residual +/-, scaling by a constant"
+    f"{_KIND_LAYERS}, ReLU, LeakyReLU, ELU, GELU, SiLU, Tanh, "
+    f"Sigmoid, Softplus, Identity, Flatten/view/reshape, {_KIND_COMBINATIONS}"
 )
-
-
-@dataclass
-class LayerEdges:
-    """Edges of one block, in block-local numbering.
-
-    ``src`` indexes the concatenation of the block's input blocks (in ``Layer.inputs``
-    order), ``dst`` the block's own neurons. Weighted blocks carry ``param`` (flat index
-    into the weight tensor) for each use and optional bias edges; fixed blocks ``coef``.
-    """
-
-    src: Tensor
-    dst: Tensor
-    param: Tensor | None = None
-    coef: Tensor | None = None
-    bias_param: Tensor | None = None
-    bias_dst: Tensor | None = None
 
 
 @dataclass
@@ -320,6 +305,10 @@ class _Builder:
         return "" if target == "0" else target[2:]
 
     # ----------------------------------------------------------------- helpers
+    def where(self, node: torch.fx.Node) -> str:
+        """Where ``node`` is, for messages: module path and class, or ``file:line``."""
+        return _where(node, self.root)
+
     def _refuse(self, node: torch.fx.Node, why: str = "") -> UnsupportedOpError:
         what = _describe(node, self.root)
         extra = f" ({why})" if why else ""
@@ -406,91 +395,6 @@ class _Builder:
         return self._new_block(node, kind, [r for r, _ in terms], edges, config)
 
     # --------------------------------------------------------------- operations
-    def _linear(self, node: torch.fx.Node, mod: nn.Linear) -> _Ref:
-        ref = self._ref(node, node.args[0])
-        if not ref.shape or ref.shape[-1] != mod.in_features:
-            raise ShapeError(
-                f"{_where(node, self.root)} expects {mod.in_features} input features, gets shape {ref.shape}"
-            )
-        n_in, n_out = mod.in_features, mod.out_features
-        rows = math.prod(ref.shape[:-1])
-        r, o, i = torch.meshgrid(torch.arange(rows), torch.arange(n_out), torch.arange(n_in), indexing="ij")
-        edges = LayerEdges(
-            src=(r * n_in + i).reshape(-1),
-            dst=(r * n_out + o).reshape(-1),
-            param=(o * n_in + i).reshape(-1),
-        )
-        if mod.bias is not None:
-            rb, ob = torch.meshgrid(torch.arange(rows), torch.arange(n_out), indexing="ij")
-            edges.bias_dst = (rb * n_out + ob).reshape(-1)
-            edges.bias_param = ob.reshape(-1)
-        return self._new_block(node, "linear", [ref], edges, {}, module=mod, name=str(node.target))
-
-    def _conv(self, node: torch.fx.Node, mod: nn.Conv2d) -> _Ref:
-        ref = self._ref(node, node.args[0])
-        if mod.groups != 1:
-            raise self._refuse(node, f"groups={mod.groups}; only groups=1")
-        if mod.padding_mode != "zeros":
-            raise self._refuse(node, f"padding_mode={mod.padding_mode!r}; only 'zeros'")
-        if len(ref.shape) != 3 or ref.shape[0] != mod.in_channels:
-            raise ShapeError(
-                f"{_where(node, self.root)} expects input of shape ({mod.in_channels}, H, W), gets {ref.shape}"
-            )
-        pad = [int(p) for p in mod._reversed_padding_repeated_twice]  # (left, right, top, bottom)
-        c_in, h, w = ref.shape
-        kh, kw = mod.kernel_size
-        idx = torch.arange(1, c_in * h * w + 1, dtype=torch.float64).reshape(1, c_in, h, w)
-        cols = F.unfold(F.pad(idx, pad), (kh, kw), dilation=mod.dilation, stride=mod.stride)[0].long()
-        rows_k, locs = cols.shape  # rows_k = c_in*kh*kw, locs = H_out*W_out
-        c_out = mod.out_channels
-        o, rk, lc = torch.meshgrid(torch.arange(c_out), torch.arange(rows_k), torch.arange(locs), indexing="ij")
-        src = cols[rk, lc]
-        keep = src > 0  # zero padding contributes nothing: no use
-        edges = LayerEdges(
-            src=(src - 1)[keep],
-            dst=(o * locs + lc)[keep],
-            param=(o * rows_k + rk)[keep],
-        )
-        if mod.bias is not None:
-            ob, lb = torch.meshgrid(torch.arange(c_out), torch.arange(locs), indexing="ij")
-            edges.bias_dst = (ob * locs + lb).reshape(-1)
-            edges.bias_param = ob.reshape(-1)
-        config = {"stride": list(mod.stride), "dilation": list(mod.dilation), "pad": pad}
-        out = self._new_block(node, "conv2d", [ref], edges, config, module=mod, name=str(node.target))
-        expect = (c_out, *_unfold_hw(h, w, pad, (kh, kw), mod.stride, mod.dilation))
-        assert self.layers[out.block].shape == expect, (self.layers[out.block].shape, expect)
-        return out
-
-    def _avgpool(self, node: torch.fx.Node, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
-                 count_include_pad: bool, divisor_override: Any) -> _Ref:
-        ref = self._ref(node, node.args[0])
-        if ceil_mode:
-            raise self._refuse(node, "ceil_mode=True; use ceil_mode=False")
-        if len(ref.shape) != 3:
-            raise ShapeError(f"{_where(node, self.root)} expects input of shape (C, H, W), gets {ref.shape}")
-        kh, kw = _pair(kernel)
-        sh, sw = _pair(stride if stride not in (None, []) else kernel)
-        ph, pw = _pair(padding)
-        c, h, w = ref.shape
-        idx = torch.arange(1, c * h * w + 1, dtype=torch.float64).reshape(c, 1, h, w)
-        cols = F.unfold(idx, (kh, kw), padding=(ph, pw), stride=(sh, sw)).long()  # (C, kh*kw, L)
-        _, rows_k, locs = cols.shape
-        ch, _, lc = torch.meshgrid(torch.arange(c), torch.arange(rows_k), torch.arange(locs), indexing="ij")
-        keep = cols > 0
-        if divisor_override:
-            div = torch.full(cols.shape, float(divisor_override), dtype=torch.float64)
-        elif count_include_pad:
-            div = torch.full(cols.shape, float(kh * kw), dtype=torch.float64)
-        else:
-            div = keep.sum(1, keepdim=True).to(torch.float64).expand(cols.shape)
-        edges = LayerEdges(src=(cols - 1)[keep], dst=(ch * locs + lc)[keep], coef=(1.0 / div)[keep])
-        config = {
-            "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw],
-            "count_include_pad": bool(count_include_pad), "divisor_override": divisor_override or None,
-        }
-        name = str(node.target) if node.op == "call_module" else node.name
-        return self._new_block(node, "avgpool2d", [ref], edges, config, name=name)
-
     def _activation(self, node: torch.fx.Node, act: Activation, arg: Any) -> _Ref:
         ref = self._ref(node, arg)
         src_node = arg
@@ -571,13 +475,9 @@ class _Builder:
             raise self._refuse(node, "tensors used directly in forward; wrap weights in nn.Linear/nn.Conv2d")
         if node.op == "call_module":
             mod = self.root.get_submodule(str(node.target))
-            if isinstance(mod, nn.Linear):
-                return self._linear(node, mod)
-            if isinstance(mod, nn.Conv2d):
-                return self._conv(node, mod)
-            if isinstance(mod, nn.AvgPool2d):
-                return self._avgpool(node, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
-                                     mod.count_include_pad, mod.divisor_override)
+            kind = _kinds.for_module(mod)
+            if kind is not None:
+                return kind.trace(self, node, mod)
             if type(mod) in _MODULE_ACTS:
                 return self._activation(node, _MODULE_ACTS[type(mod)](mod), node.args[0])
             if isinstance(mod, (nn.Identity, nn.Flatten)):  # re-indexings: same freshness rule
@@ -590,12 +490,9 @@ class _Builder:
             t = node.target
             if t in _RESHAPE_FUNCS:
                 return self._reshape(node)
-            if t is F.avg_pool2d:
-                return self._avgpool(
-                    node, _arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
-                    _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
-                    _arg(node, 5, "count_include_pad", True), _arg(node, 6, "divisor_override", None),
-                )
+            kind = _kinds.for_function(t)
+            if kind is not None:
+                return kind.trace(self, node, None)
             if t in _ADD_FUNCS + _SUB_FUNCS + _MUL_FUNCS + _DIV_FUNCS:
                 return self._arith(node)
             if t is operator.neg or t is torch.neg:
@@ -615,6 +512,9 @@ class _Builder:
                 return self._reshape(node)
             if m in ("size", "dim"):
                 return node.meta.get("value")
+            kind = _kinds.for_method(m)
+            if kind is not None:
+                return kind.trace(self, node, None)
             if m in _ARITH_METHODS:  # in-place forms are safe here: the shape pass refused stale reads
                 node_t = _ARITH_METHODS[m]
                 fake = _FakeNode(node, node_t)
@@ -634,18 +534,15 @@ class _FakeNode:
         return getattr(self._node, item)
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return int(v[0]), int(v[1] if len(v) > 1 else v[0])
-    return int(v), int(v)
-
-
-def _unfold_hw(h: int, w: int, pad: list[int], k: tuple[int, int], stride: Any, dil: Any) -> tuple[int, int]:
-    sh, sw = _pair(stride)
-    dh, dw = _pair(dil)
-    hh = (h + pad[2] + pad[3] - dh * (k[0] - 1) - 1) // sh + 1
-    ww = (w + pad[0] + pad[1] - dw * (k[1] - 1) - 1) // sw + 1
-    return hh, ww
+def _node_kind(node: torch.fx.Node, root: nn.Module) -> "_kinds.Kind | None":
+    """The registered kind that traces ``node``, if any."""
+    if node.op == "call_module":
+        return _kinds.for_module(root.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        return _kinds.for_function(node.target)
+    if node.op == "call_method":
+        return _kinds.for_method(str(node.target))
+    return None
 
 
 def _check_single_input(gm: torch.fx.GraphModule, root: nn.Module) -> None:
@@ -657,7 +554,6 @@ def _check_single_input(gm: torch.fx.GraphModule, root: nn.Module) -> None:
         )
 
 
-_LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.AvgPool2d)
 
 
 def check_input_shape(shape: Any) -> tuple[int, ...]:
@@ -698,9 +594,8 @@ def _output_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:
 def _has_spatial_ops(gm: torch.fx.GraphModule, root: nn.Module) -> bool:
     """Whether any operation reads the leading per-sample axis as channels (Conv2d, pooling)."""
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), (nn.Conv2d, nn.AvgPool2d)):
-            return True
-        if node.op == "call_function" and node.target is F.avg_pool2d:
+        kind = _node_kind(node, root)
+        if kind is not None and kind.spatial:
             return True
     return False
 
@@ -746,7 +641,7 @@ def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     if not isinstance(model, nn.Module):
         raise UnsupportedOpError(f"expected a torch.nn.Module, got {type(model).__name__}")
     input_shape = check_input_shape(input_shape)
-    wrapped = isinstance(model, _LEAF_TYPES) or type(model) in _MODULE_ACTS
+    wrapped = _kinds.for_module(model) is not None or type(model) in _MODULE_ACTS
     if wrapped:  # torch.fx cannot trace a leaf module as the root: trace nn.Sequential(model)
         model = nn.Sequential(model)
     inference_mode = torch.is_inference_mode_enabled()
@@ -762,16 +657,21 @@ def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = model.get_submodule(str(node.target))
-            ok = isinstance(mod, (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.Identity, nn.Flatten)) or type(
-                mod
-            ) in _MODULE_ACTS
+            ok = (_kinds.for_module(mod) is not None or isinstance(mod, (nn.Identity, nn.Flatten))
+                  or type(mod) in _MODULE_ACTS)
             if not ok:
                 raise builder._refuse(node)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
     example = torch.zeros((2, *input_shape), dtype=dtype)
-    with torch.no_grad():
-        _ShapeRecorder(gm, describe).run(example)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm, describe).run(example)
+    finally:  # the shape pass leaves the module as it was (BatchNorm in training mode updates its statistics)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
     try:
         check_budget(estimate(gm, model), type(model[0] if wrapped else model).__name__)
     except GraphTooLargeError:

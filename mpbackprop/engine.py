@@ -18,11 +18,11 @@ One training step with a backward rule ``R`` and an update rule ``U``:
    when compiled, :attr:`~mpbackprop.network.CompiledNetwork.frozen_mask`) keep their values
    and their update state bit for bit, whatever the rules.
 
-With ``fused=True`` (the default) steps 3–4 of ``Linear`` blocks, and of ``Conv2d`` /
-``AvgPool2d`` blocks when the state has one channel and the coefficient is one scalar per
-weight, run as the equal dense products, convolution gradients and pooling gradients
-(tests check them against the DGL path). Every rule goes through the same code; nothing here
-asks which rule it runs.
+Each block's steps 3–4 are its kind's (:mod:`mpbackprop.kinds`): a DGL reference path and, for
+kinds that have one, an equal dense fast path (``Linear`` products, convolution and pooling
+gradients, ...; tests check each against the reference). :func:`~mpbackprop.kinds.select_kernel` alone
+chooses between them (``fused=False`` forces the reference everywhere). Every rule goes through the
+same code; nothing here asks which rule it runs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from torch import Tensor
 
 from ._quiet import ops
 from .graph import NEURON, PARAM
+from .kinds import BlockInput, Coefficients, select_kernel
+from .kinds import get as kind_of
 from .losses import LossFn, resolve_loss
 from .network import CompiledNetwork, ForwardRecord
 from .rules.base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
@@ -95,102 +97,6 @@ def forward_and_seed(
         loss = loss_fn(a_out.view(batch, *net.output_shape), y)
         (grad,) = torch.autograd.grad(loss, a_out)
     return record, loss.detach(), grad * batch
-
-
-def _linear_messages(block: Any, b: Tensor, coef: Tensor, param: Tensor) -> Tensor:
-    """``M_i = Σ_k C_{p(k)} b_{j(k)}`` with DGL's fused ``u_mul_e_sum`` (gspmm)."""
-    c = coef[param]
-    if c.dim() == 1:  # one scalar per weight, all channels
-        return ops.u_mul_e_sum(block, b, c.view(-1, 1, 1))
-    if c.dim() == 2:  # diagonal (P, d)
-        return ops.u_mul_e_sum(block, b, c.unsqueeze(-1))
-    # full (P, d, d): broadcast (N, 1, d', B) * (E, d, d', 1), then sum over d'
-    return ops.u_mul_e_sum(block, b.unsqueeze(1), c.unsqueeze(-1)).sum(2)
-
-
-def _dense_linear(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, batch: int,
-                  want_messages: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Fused path for ``Linear`` layers: the same sums as the DGL path, as dense contractions.
-
-    A Linear layer's uses are all ``(r·n_in + i, o·n_in + i, r·n_out + o)``, so
-    ``Σ_uses a_i b_j`` is a matrix product and ``Σ_k C_p b_j`` is ``Cᵀ b`` per channel.
-    Returns ``(weight signal (P_w, d), bias signal (n_out, d) or None, messages or None)``.
-    """
-    n_out, n_in = layer.weight.shape
-    d = b.shape[1]
-    rows = b.shape[0] // n_out
-    if rows == 1:  # the usual case: plain matrix products on the stored layouts, no permuting copies
-        b2 = b.view(n_out * d, batch)  # (out·d, B)
-        a2 = a_src.t()  # (B, in): a_src is a transposed view of the (B, in) record
-        g = b2 @ a2 / batch  # (out·d, in)
-        g_w = (g if d == 1 else g.view(n_out, d, n_in).transpose(1, 2)).reshape(-1, d)
-        g_b = b2.sum(1).view(n_out, d) / batch if layer.bias is not None else None
-        msgs = None
-        if want_messages and coef is not None:
-            if coef.dim() == 1:  # (in, out) @ (out, d·B)
-                msgs = coef.view(n_out, n_in).t() @ b.view(n_out, d * batch)
-            elif coef.dim() == 2:
-                msgs = torch.einsum("oic,ocb->icb", coef.view(n_out, n_in, d), b)
-            else:  # one GEMM: (in·d, out·d) @ (out·d, B)
-                msgs = coef.view(n_out, n_in, d, d).permute(1, 2, 0, 3).reshape(n_in * d, n_out * d) @ b2
-            msgs = msgs.reshape(n_in, d, batch)
-        return g_w, g_b, msgs
-    bb = b.view(rows, n_out, d, batch)  # (rows, out, d, B)
-    aa = a_src.reshape(-1, n_in, batch)  # (rows, in, B)
-    g_w = torch.einsum("rib,rocb->oic", aa, bb).reshape(-1, d) / batch
-    g_b = bb.sum((0, 3)) / batch if layer.bias is not None else None
-    msgs = None
-    if want_messages and coef is not None:
-        if coef.dim() == 1:
-            msgs = torch.einsum("oi,rocb->ricb", coef.view(n_out, n_in), bb)
-        elif coef.dim() == 2:
-            msgs = torch.einsum("oic,rocb->ricb", coef.view(n_out, n_in, d), bb)
-        else:  # one GEMM: (in·d, out·d) @ (out·d, rows·B)
-            c2 = coef.view(n_out, n_in, d, d).permute(1, 2, 0, 3).reshape(n_in * d, n_out * d)
-            b2 = bb.permute(1, 2, 0, 3).reshape(n_out * d, rows * batch)
-            msgs = (c2 @ b2).view(n_in, d, rows, batch).permute(2, 0, 1, 3)
-        msgs = msgs.reshape(-1, d, batch)
-    return g_w, g_b, msgs
-
-
-def _dense_conv(layer: Any, b: Tensor, a_src: Tensor, coef: Tensor | None, batch: int,
-                want_messages: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Fused path for ``Conv2d`` layers with one state channel and a scalar coefficient per weight.
-
-    A convolution's uses are its kernel applications, so ``Σ_uses a_i b_j`` is the weight
-    gradient of a convolution with output gradient ``b`` and ``Σ_k C_p b_j`` is its input gradient
-    with kernel ``C`` (on the padded input, then cropped): the same sums as the DGL path.
-    """
-    cfg = layer.config
-    c_in, h, w = layer.input_shapes[0]
-    c_out, h_out, w_out = layer.shape
-    shape = layer.weight.shape
-    left, right, top, bottom = cfg["pad"]
-    grad = b.view(c_out, h_out, w_out, batch).permute(3, 0, 1, 2)  # (B, C_out, H_out, W_out)
-    a = torch.nn.functional.pad(a_src.t().reshape(batch, c_in, h, w), cfg["pad"])
-    g_w = torch.nn.grad.conv2d_weight(a, shape, grad, stride=cfg["stride"], dilation=cfg["dilation"])
-    g_b = grad.sum((0, 2, 3)).view(-1, 1) / batch if layer.bias is not None else None
-    msgs = None
-    if want_messages and coef is not None:
-        m = torch.nn.grad.conv2d_input(a.shape, coef.view(shape), grad, stride=cfg["stride"],
-                                       dilation=cfg["dilation"])
-        m = m[:, :, top:m.shape[2] - bottom, left:m.shape[3] - right]
-        msgs = m.reshape(batch, c_in * h * w).t().unsqueeze(1)
-    return g_w.reshape(-1, 1) / batch, g_b, msgs
-
-
-def _dense_avgpool(layer: Any, b: Tensor, batch: int) -> Tensor:
-    """Fused path for ``AvgPool2d`` blocks: their fixed messages are the pooling's input gradient
-    (every state channel alike)."""
-    cfg = layer.config
-    c, h, w = layer.input_shapes[0]
-    _, h_out, w_out = layer.shape
-    d = b.shape[1]
-    grad = b.view(c, h_out, w_out, d, batch).permute(3, 4, 0, 1, 2).reshape(d * batch, c, h_out, w_out)
-    m = torch.ops.aten.avg_pool2d_backward(grad, b.new_zeros(()).expand(d * batch, c, h, w), cfg["kernel"],
-                                           cfg["stride"], cfg["padding"], False, cfg["count_include_pad"],
-                                           cfg["divisor_override"])
-    return m.reshape(d, batch, c * h * w).permute(2, 0, 1)
 
 
 def _udf_messages(block: Any, rule: BackwardRule, b: Tensor, post: dict[str, Tensor], pre: dict[str, Tensor],
@@ -270,43 +176,30 @@ def backward(
         sources = view.sources
         a_src = a_t[sources[0]] if len(sources) == 1 else torch.cat([a_t[s] for s in sources])
         needs_messages = any(s != 0 for s in sources)
-        msgs: Tensor | None = None
+        if not layer.weighted and not needs_messages:
+            continue  # a parameter-free block fed by the input alone: nothing to send
+        inp = BlockInput(layer, view, b, z_t[k], a_src, batch, needs_messages, aux=record.aux.get(k))  # type: ignore[arg-type]
         if layer.weighted:
             wt = layer.weight
             assert wt is not None and view.param is not None and view.to_param is not None
-            coef = None
             if needs_messages:
                 w = theta[wt.offset:wt.stop]
                 hist = {key: v[wt.offset:wt.stop] for key, v in history.items()}
-                coef = rule.coefficients(LayerContext(layer, w, rule_state, k / depth_den, hist))
-            dense = fused and (coef is not None or not needs_messages)
-            conv = (dense and layer.kind == "conv2d" and d == 1 and len(sources) == 1
-                    and (coef is None or coef.dim() == 1))
-            if (dense and layer.kind == "linear") or conv:
-                dense_fn = _dense_linear if layer.kind == "linear" else _dense_conv
-                g_w, g_b, msgs = dense_fn(layer, b, a_src, coef, batch, needs_messages)
-                parts[wt.offset] = g_w
-                if g_b is not None:
-                    parts[layer.bias.offset] = g_b  # type: ignore[union-attr]
-            else:
-                per_use = ops.u_dot_v(view.fwd, a_src.unsqueeze(1).contiguous(), b)  # (E, d, 1)
-                parts[wt.offset] = ops.copy_e_sum(view.to_param, per_use.squeeze(-1)) / batch
-                if layer.bias is not None and view.bias_bwd is not None:
-                    parts[layer.bias.offset] = ops.copy_u_sum(view.bias_bwd, b.sum(-1)) / batch
-                if needs_messages and coef is not None:
-                    msgs = _linear_messages(view.bwd, b, coef, view.param)
-                elif needs_messages:
-                    s = sources[0]
+                inp.coef = Coefficients.of(rule.coefficients(LayerContext(layer, w, rule_state, k / depth_den, hist)))
+                if inp.coef is None:  # non-linear messages: the rule's own edge/node UDFs
+                    s0 = sources[0]
                     post = {"z": z_t[k], "a": a_t[k], "fprime": fprime(k)}
                     pre = {"a": a_src}
-                    if s != 0:
-                        pre.update(z=z_t[s], fprime=fprime(s))  # type: ignore[dict-item]
-                    msgs = _udf_messages(view.bwd, rule, b, post, pre, w[view.param])  # type: ignore[arg-type]
-        elif needs_messages and fused and layer.kind == "avgpool2d" and len(sources) == 1:
-            msgs = _dense_avgpool(layer, b, batch)
-        elif needs_messages:
-            assert view.coef is not None
-            msgs = ops.u_mul_e_sum(view.bwd, b, view.coef.to(b.dtype).view(-1, 1, 1))
+                    if s0 != 0:
+                        pre.update(z=z_t[s0], fprime=fprime(s0))  # type: ignore[dict-item]
+                    inp.udf = (lambda blk=view.bwd, b=b, post=post, pre=pre, w=w[view.param]:  # type: ignore[misc]
+                               _udf_messages(blk, rule, b, post, pre, w))
+        out = select_kernel(kind_of(layer.kind), inp, fused)(inp)
+        if out.weight is not None:
+            parts[layer.weight.offset] = out.weight  # type: ignore[union-attr]
+        if out.bias is not None:
+            parts[layer.bias.offset] = out.bias  # type: ignore[union-attr]
+        msgs = out.messages
         if msgs is None:
             continue
         start = 0

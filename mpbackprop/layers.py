@@ -15,15 +15,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .activations import IDENTITY, Activation
+from .kinds import KIND_NAMES, REGISTRY
 
 __all__ = ["ParamTensor", "Layer", "KINDS", "WEIGHTED_KINDS", "FIXED_KINDS"]
 
-#: Every layer kind, in the order of their integer ids on ``g.nodes['neuron'].data['kind']``.
-KINDS: tuple[str, ...] = ("input", "linear", "conv2d", "avgpool2d", "add", "scale", "act")
+#: Every layer kind, in the order of their integer ids on ``g.nodes['neuron'].data['kind']`` (the registry's).
+KINDS: tuple[str, ...] = KIND_NAMES
 #: Kinds whose uses carry a learned weight (edge types ``in_L``/``out_L``).
-WEIGHTED_KINDS = frozenset({"linear", "conv2d"})
+WEIGHTED_KINDS = frozenset(k.name for k in REGISTRY.values() if k.weighted)
 #: Kinds with fixed-coefficient neuron→neuron edges (edge type ``fixed_L``).
-FIXED_KINDS = frozenset({"avgpool2d", "add", "scale", "act"})
+FIXED_KINDS = frozenset(k.name for k in REGISTRY.values() if not k.weighted and k.name != "input")
 
 
 @dataclass

@@ -17,21 +17,22 @@ import hashlib
 import json
 import os
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._io import atomic_write
 from ._json import dumps
-from ._quiet import dgl, ops
+from ._quiet import dgl
 from .compiler import check_input_shape, trace_module
 from .errors import GraphFileError, ShapeError
 from .graph import NEURON, PARAM, build_heterograph, frozen_feature, tensor_table
+from .kinds import ForwardContext
+from .kinds import get as _kind
 from .layers import Layer, ParamTensor
 from .selfcheck import check_forward
 from .views import LayerView, build_views
@@ -81,11 +82,13 @@ def _check_footer(path: Path) -> None:
 
 @dataclass
 class ForwardRecord:
-    """Per-block values of one forward pass, each ``(B, size)`` (block 0: input, ``z is None``)."""
+    """Per-block values of one forward pass, each ``(B, size)`` (block 0: input, ``z is None``), and
+    what blocks recorded for their backward (``aux[block]``: dropout masks)."""
 
     z: list[Tensor | None]
     a: list[Tensor]
     output: Tensor
+    aux: dict[int, Tensor] = field(default_factory=dict)
 
 
 class CompiledNetwork:
@@ -209,24 +212,13 @@ class CompiledNetwork:
             )
 
     # ----------------------------------------------------------------- forward
-    def _apply(self, layer: Layer, inputs: list[Tensor], theta: Tensor) -> Tensor:
+    def _apply(self, layer: Layer, inputs: list[Tensor], theta: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         w = self.tensor_view(theta, layer.weight) if layer.weight is not None else None
         b = self.tensor_view(theta, layer.bias) if layer.bias is not None else None
-        cfg = layer.config
-        if layer.kind == "linear":
-            return F.linear(inputs[0], w, b)
-        if layer.kind == "conv2d":
-            return F.conv2d(F.pad(inputs[0], cfg["pad"]), w, b, stride=cfg["stride"], dilation=cfg["dilation"])
-        if layer.kind == "avgpool2d":
-            return F.avg_pool2d(inputs[0], cfg["kernel"], cfg["stride"], cfg["padding"], False,
-                                cfg["count_include_pad"], cfg["divisor_override"])
-        # add / scale / act: fixed linear combination of the inputs
-        out = inputs[0] * cfg["coefs"][0]
-        for x, c in zip(inputs[1:], cfg["coefs"][1:]):
-            out = out + x * c
-        return out
+        return _kind(layer.kind).forward(layer, inputs, w, b, ctx if ctx is not None else ForwardContext())
 
-    def forward(self, x: Tensor, theta: Tensor | None = None, record: bool = False) -> Any:
+    def forward(self, x: Tensor, theta: Tensor | None = None, record: bool = False,
+                generator: torch.Generator | None = None) -> Any:
         """Run the network with dense torch ops per layer.
 
         Parameters
@@ -237,20 +229,24 @@ class CompiledNetwork:
             Flat parameters ``(num_params,)``; defaults to the graph's ``value``.
         record : bool
             Return a :class:`ForwardRecord` with every block's ``z`` and ``a`` instead of the output.
+        generator : torch.Generator, optional
+            Draws the random parts of a training-mode forward (dropout masks; recorded in
+            ``ForwardRecord.aux`` for the backward pass). ``None``: deterministic, as in evaluation.
         """
         self._check_input(x)
         theta = self.values if theta is None else theta
         batch = x.shape[0]
         zs: list[Tensor | None] = [None]
         acts: list[Tensor] = [x.reshape(batch, -1)]
+        ctx = ForwardContext(generator, {})
         for layer in self.layers[1:]:
             ins = [acts[k].reshape(batch, *shape) for k, shape in zip(layer.inputs, layer.input_shapes)]
-            z = self._apply(layer, ins, theta).reshape(batch, -1)
+            z = self._apply(layer, ins, theta, ctx).reshape(batch, -1)
             zs.append(z)
             acts.append(z if layer.activation.is_identity else layer.activation(z))
         out = acts[self.output_layer].reshape(batch, *self.output_shape)
         if record:
-            return ForwardRecord(zs, acts, out)
+            return ForwardRecord(zs, acts, out, ctx.aux or {})
         return out
 
     __call__ = forward
@@ -259,8 +255,9 @@ class CompiledNetwork:
         """Run the forward pass as message passing on the graph (DGL ``u_mul_e`` + ``sum``).
 
         ``z_j = Σ_{uses (i,p,j)} w_p·a_i + Σ_{bias p→j} w_p`` for weighted blocks and
-        ``z_j = Σ_{fixed i→j} c·a_i`` for the others; ``a = f(z)``. Equal to :meth:`forward`
-        up to summation order.
+        ``z_j = Σ_{fixed i→j} c·a_i`` for the linear fixed ones; each kind says how
+        (:meth:`~mpbackprop.kinds.Kind.forward_graph`); ``a = f(z)``. Equal to :meth:`forward`
+        (in evaluation mode) up to summation order.
         """
         self._check_input(x)
         theta = self.values if theta is None else theta
@@ -269,16 +266,7 @@ class CompiledNetwork:
         for layer, view in zip(self.layers[1:], self.views[1:]):
             assert view is not None
             a_src = torch.cat([acts[k] for k in view.sources]) if len(view.sources) > 1 else acts[view.sources[0]]
-            if layer.weighted:
-                assert layer.weight is not None and view.param is not None
-                w = theta[layer.weight.offset:layer.weight.stop][view.param].unsqueeze(-1)
-                z = ops.u_mul_e_sum(view.fwd, a_src.contiguous(), w)
-                if view.bias_fwd is not None and layer.bias is not None:
-                    bias = theta[layer.bias.offset:layer.bias.stop].unsqueeze(-1)
-                    z = z + ops.copy_u_sum(view.bias_fwd, bias)
-            else:
-                assert view.coef is not None
-                z = ops.u_mul_e_sum(view.fwd, a_src.contiguous(), view.coef.to(a_src.dtype).unsqueeze(-1))
+            z = _kind(layer.kind).forward_graph(layer, view, a_src, theta)
             acts.append(z if layer.activation.is_identity else layer.activation(z))
         return acts[self.output_layer].t().reshape(batch, *self.output_shape)
 
@@ -401,8 +389,8 @@ class CompiledNetwork:
                 "activation": str(layer.activation),
                 "inputs": list(layer.inputs),
                 "uses": int(g.num_edges(f"in_{layer.index}")) if layer.weighted else 0,
-                "fixed_edges": int(g.num_edges(f"fixed_{layer.index}")) if layer.kind in
-                ("avgpool2d", "add", "scale", "act") else 0,
+                "fixed_edges": int(g.num_edges(f"fixed_{layer.index}")) if layer.kind != "input"
+                and not layer.weighted else 0,
             })
         return {
             "num_nodes": {NEURON: self.num_neurons, PARAM: self.num_params},

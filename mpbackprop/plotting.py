@@ -19,18 +19,12 @@ import torch
 
 from .errors import MPBackpropError
 from .graph import NEURON, PARAM
+from .kinds import REGISTRY
 
 __all__ = ["PlotError", "check_plot_size", "plot_network"]
 
-_KIND_COLOURS = {
-    "input": "#9e9e9e",
-    "linear": "#4c72b0",
-    "conv2d": "#55a868",
-    "avgpool2d": "#c9a227",
-    "add": "#8172b3",
-    "scale": "#da8bc3",
-    "act": "#64b5cd",
-}
+#: Neuron colour per layer kind (each kind's own, :mod:`mpbackprop.kinds`).
+_KIND_COLOURS = {name: kind.colour for name, kind in REGISTRY.items()}
 
 
 class PlotError(MPBackpropError):

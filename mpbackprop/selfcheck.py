@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import UnsupportedOpError
+from .kinds import compiled_modes
 
 __all__ = ["ForwardMismatchError", "check_forward", "TOLERANCE"]
 
@@ -66,11 +67,15 @@ class _RecordingModule(nn.Module):
 def _tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> dict[str, Tensor]:
     named = dict(module.named_parameters(remove_duplicate=False))
     named.update(dict(module.named_buffers(remove_duplicate=False)))
-    return {prefix + k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in named.items()}
+    # copies, integer buffers too: a module that updates buffers in place (BatchNorm's counters) changes these
+    return {prefix + k: (v.detach().to(dtype) if v.is_floating_point() else v.detach().clone())
+            for k, v in named.items()}
 
 
 def _run(module: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Any:
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    """``module(x)`` with ``tensors`` swapped in (buffer updates, e.g. BatchNorm's running statistics, land on
+    the copies), in the modes the compiled blocks compute (:func:`~mpbackprop.kinds.compiled_modes`)."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), compiled_modes(module):
         return torch.func.functional_call(module, tensors, (x.clone(),), strict=False)
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .engine import signals
+from .kinds import compiled_modes
 from .losses import resolve_loss
 from .network import CompiledNetwork, compile
 from .rules import Exact, FeedbackAlignment
@@ -88,7 +89,8 @@ def verify(model: nn.Module, input_shape: tuple[int, ...], batch: int = 8, rule:
         backward_rule = Exact()
         state = backward_rule.init_state(net)
         params = [model.get_parameter(p.path) for p in net.tensors]
-        grads = torch.autograd.grad(loss_fn(model(x), y), params)
+        with compiled_modes(model):  # BatchNorm with batch statistics, as compiled
+            grads = torch.autograd.grad(loss_fn(model(x), y), params)
         ref = torch.cat([g.reshape(-1) for g in grads])
     elif rule == "fa":
         backward_rule = FeedbackAlignment(seed=seed)

@@ -47,7 +47,7 @@ CASES = [
     Case("task-raises", _meta("{tmp}/t.py"), BAD_INPUT, "raised while running the task file",
          files={"t.py": "raise RuntimeError('boom')\n"}),
     Case("task-model-not-compilable", _meta("{tmp}/t.py"), BAD_INPUT, "MODELS['m'] on 'd'",
-         files={"t.py": GOOD.replace("nn.Tanh()", "nn.Dropout(0.5)")}),
+         files={"t.py": GOOD.replace("nn.Tanh()", "nn.Softmax(dim=1)")}),
     Case("task-model-not-a-module", _meta("{tmp}/t.py"), BAD_INPUT, "not a torch.nn.Module",
          files={"t.py": GOOD.replace("nn.Sequential(", "(")}),
     Case("task-builtin-name", _meta("{tmp}/t.py"), BAD_INPUT, "is a built-in task family",

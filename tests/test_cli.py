@@ -265,7 +265,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 REFUSALS = {
     # name: (file writer or path, extra args, needles)
-    "batchnorm": (BAD / "bad_batchnorm.py", [], ["BatchNorm1d"]),
+    "groupnorm": (BAD / "bad_groupnorm.py", [], ["GroupNorm"]),
     "maxpool": (BAD / "bad_maxpool.py", [], ["MaxPool2d"]),
     "controlflow": (BAD / "bad_controlflow.py", [], ["control flow", "bad_controlflow.py:17"]),
     "syntax": (BAD / "bad_syntax.py", [], ["bad_syntax.py:7", "SyntaxError"]),

@@ -647,9 +647,10 @@ HERE = os.path.basename(__file__)
 
 # (id, module factory, input shape, words the message must contain)
 REFUSALS = [
-    ("batchnorm1d", lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), (4,), ["BatchNorm1d", "'1'"]),
-    ("batchnorm2d", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), (1, 8, 8), ["BatchNorm2d", "'1'"]),
-    ("maxpool", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), (1, 8, 8), ["MaxPool2d", "'1'"]),
+    ("groupnorm", lambda: nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4)), (4,), ["GroupNorm", "'1'"]),
+    ("batchnorm3d", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm3d(2)), (1, 8, 8), ["BatchNorm3d", "'1'"]),
+    ("maxpool-ceil", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True)), (1, 8, 8),
+     ["MaxPool2d", "ceil_mode", "'1'"]),
     ("lstm", _LSTM, (3, 4), ["LSTM", "'rnn'"]),
     ("attention", _Attention, (3, 4), ["MultiheadAttention", "'attn'"]),
     ("sort", _Sort, (4,), ["sort"]),
@@ -714,7 +715,7 @@ def test_location_found_when_user_code_lives_under_a_directory_named_mpbackprop(
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.fc = nn.Linear(3, 3)\n"
-        "        self.bn = nn.BatchNorm1d(3)\n"
+        "        self.bn = nn.GroupNorm(1, 3)\n"
         "    def forward(self, x):\n"
         "        return self.bn(self.fc(x))\n"
     )

@@ -1,0 +1,35 @@
+"""Index maps of sliding windows, shared by the kinds that read (C, H, W) maps through a window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["pair", "unfold_hw", "window_map"]
+
+
+def pair(v: Any) -> tuple[int, int]:
+    """``v`` as two ints (an int is repeated, a one-element sequence too)."""
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1] if len(v) > 1 else v[0])
+    return int(v), int(v)
+
+
+def unfold_hw(h: int, w: int, pad: list[int], k: tuple[int, int], stride: Any, dil: Any) -> tuple[int, int]:
+    """Output height and width of a window ``k`` over an ``h×w`` map padded by ``(left, right, top, bottom)``."""
+    sh, sw = pair(stride)
+    dh, dw = pair(dil)
+    hh = (h + pad[2] + pad[3] - dh * (k[0] - 1) - 1) // sh + 1
+    ww = (w + pad[0] + pad[1] - dw * (k[1] - 1) - 1) // sw + 1
+    return hh, ww
+
+
+def window_map(c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> Tensor:
+    """``(C, kh·kw, L)`` per channel, window tap and output location: 1 + the row-major index of the
+    input element the tap reads, 0 where it reads the padding."""
+    idx = torch.arange(1, c * h * w + 1, dtype=torch.float64).reshape(c, 1, h, w)
+    return F.unfold(idx, kernel, dilation=dilation, padding=padding, stride=stride).long()
