@@ -64,3 +64,34 @@ def test_seeds_refuses_runs_of_different_families_without_a_common_validation_fa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "different families (augmented, augmented-depth)" in err and "--valid-family" in err
+
+
+def test_recipes_table_caching_and_refusal(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    recipes = _load("recipes")
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=RUN"):
+        recipes.parse_recipe("no-name")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a meta-training run directory"):
+        recipes.parse_recipe(f"v1={tmp_path}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"rule")
+    (run / "config.json").write_text("{}")
+    assert recipes.parse_recipe(f"v1={run}") == ("v1", [run])
+    calls = []
+    monkeypatch.setattr(recipes, "score_run", lambda r, f, n: calls.append((r, f)) or {"fresh": True})
+    old = {"step": 3, "rule_sha256": recipes._digest(run / "best.pt"), "score": -1.0}
+    previous = {"valid_tasks": 6, "recipes": {"v1": {str(run): {"augmented": old}}}}
+    assert recipes.cached_score(previous, run, "augmented", 6) is old and not calls
+    assert recipes.cached_score(previous, run, "augmented", 4) == {"fresh": True}  # other tasks
+    (run / "best.pt").write_bytes(b"another rule")
+    assert recipes.cached_score(previous, run, "augmented", 6) == {"fresh": True}  # another best.pt
+    assert len(calls) == 2
+    row = {"step": 3, "valid_log_loss_T": -1.0, "valid_log_loss_10T": -2.0, "valid_log_loss_25T": -3.0, "score": -2.0}
+    doc = {"recipes": {"v1": {str(run): {"augmented": row}}}, "means": {"v1": {"augmented": -2.0}}}
+    lines = recipes.table(doc, ["augmented"])
+    assert lines[2] == "| v1 | `run` (3) | -1.000 / -2.000 / -3.000 | -2.0000 |"
+    assert lines[3] == "| v1 | mean over 1 seeds | | **-2.0000** |"  # empty T / 10T / 25T cell
