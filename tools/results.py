@@ -68,8 +68,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def _table(doc: dict) -> list[str]:
-    lines = ["| method | val loss at T [95% CI] | accuracy | Δ vs tuned Adam (paired) [95% CI] | speedup | ms/step |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | val loss at T [95% CI] | accuracy | Δ vs tuned Adam (paired) [95% CI] | speedup | wall-clock speedup | ms/step |",
+             "|---|---|---|---|---|---|---|"]
     seeds = doc["key"]["seeds"]
     for m, e in doc["methods"].items():
         # mean over tasks, intervals combined from the per-task standard errors (tasks independent)
@@ -81,11 +81,13 @@ def _table(doc: dict) -> list[str]:
                                          for d in tasks], seeds)
         speed = _num(e["speedup_vs_adam"])
         stxt = "<1" if speed == 0 else _fmt(speed, ".2f")
+        wall = _num(e.get("wallclock_speedup_vs_adam"))  # n/a in suite files from before it was measured
+        wtxt = "<1" if wall == 0 else _fmt(wall, ".2f")
         name = f"**{SHORT[m]}**" if m == "learned" else SHORT[m]
         dtxt = "—" if m == "adam" else f"{_fmt(dmean, '+.4f')} [{_fmt(dlo, '+.4f')}, {_fmt(dhi, '+.4f')}]"
         diverged = f" ({e['diverged']} runs diverged)" if e.get("diverged") else ""
         lines.append(f"| {name}{diverged} | {_fmt(e['val_loss_mean'], '.4f')} [{_fmt(lo, '.4f')}, {_fmt(hi, '.4f')}] | "
-                     f"{_fmt(e['val_acc_mean'], '.3f')} | {dtxt} | {stxt} | {_fmt(e['ms_per_step'], '.2f')} |")
+                     f"{_fmt(e['val_acc_mean'], '.3f')} | {dtxt} | {stxt} | {wtxt} | {_fmt(e['ms_per_step'], '.2f')} |")
     return lines
 
 
@@ -133,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--tasks {args.tasks}` (family `{args.family}`; rule `{rule_path.name}`). Each row averages "
             f"{args.tasks} tasks (or their variants) × {args.seeds} fresh seeds; learning rates of the tuned "
             "methods are tuned per task on separate seeds; speedup = T / steps for the method's mean curve to "
-            "reach tuned Adam's mean loss at T (`<1`: not reached within T; geometric mean over tasks); intervals "
+            "reach tuned Adam's mean loss at T (`<1`: not reached within T; geometric mean over tasks), wall-clock "
+            "speedup = Adam's time for T steps / the method's time to reach that loss (step speedup × Adam's "
+            "ms/step ÷ the method's); intervals "
             "of the rows combine the per-task standard errors. Per-task tables are in `results/<suite>.json`.", ""]
     for suite in args.suites.split(","):
         doc = _suite(args, suite, (backward, update), rule_path)
