@@ -10,6 +10,11 @@
   pair keeps its own inner state and accumulates its perturbations ``ξ``, so the
   estimate is unbiased across truncations.
 
+The ``2 × es_pairs`` perturbed copies of a task slot run through
+:func:`~mpbackprop.metatrain.batched.unroll_copies`: together, as one batched unroll, where
+:func:`~mpbackprop.metatrain.batched.supported` says so (the default exact backward and scheduled update),
+else one after another.
+
 An estimator returns a flat gradient vector (so that estimates from several workers can
 be averaged with one all-reduce), the mean meta-loss and counters. Its persistent part
 (``state_dict``) goes into checkpoints.
