@@ -70,9 +70,11 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 def _signal_when(monkeypatch: pytest.MonkeyPatch, module: object, trainer: MetaTrainer, step: int,
                  signals: tuple[int, ...], call: int = 1) -> list[int]:
-    """Send ``signals`` to this process at the ``call``-th call of ``module.unroll`` while
-    ``trainer.step == step`` (inside an estimate or a validation, before an inner truncation)."""
-    real = module.unroll
+    """Send ``signals`` to this process at the ``call``-th call of ``module.unroll`` (the estimators:
+    ``unroll_copies``, a task slot's ES/PES copies) while ``trainer.step == step`` (inside an estimate or a
+    validation, before an inner truncation)."""
+    name = "unroll_copies" if module is estimators else "unroll"
+    real = getattr(module, name)
     seen: list[int] = []
 
     def unroll(*args, **kwargs):
@@ -83,7 +85,7 @@ def _signal_when(monkeypatch: pytest.MonkeyPatch, module: object, trainer: MetaT
                     os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "unroll", unroll)
+    monkeypatch.setattr(module, name, unroll)
     return seen
 
 

@@ -32,6 +32,11 @@ def test_bench_quick_json_and_readme_section(tmp_path, capsys):
     assert "<!-- bench:start -->" in text and "mlp-64-128-10" in text
     bench._write_readme(readme, doc)  # regenerating replaces the section instead of appending
     assert readme.read_text().count("<!-- bench:start -->") == 1
+    doc["meta_training"] = {"outer_steps_per_min": 100.0, "sequential_outer_steps_per_min": 40.0, "speedup": 2.5,
+                            "tasks_per_min": 400.0, "peak_rss_mb": 600.0, "truncation": 20, "tasks_per_step": 4}
+    bench._write_readme(readme, doc)  # the meta-training line: batched against sequential copies
+    line = next(x for x in readme.read_text().splitlines() if x.startswith("- Default meta-training"))
+    assert "**100 outer steps/min**" in line and "400 tasks/min" in line and "against 40" in line and "2.50×" in line
 
 
 def test_scaling_exponent_fits_a_power_law():

@@ -151,16 +151,32 @@ print(json.dumps({"outer_steps_per_min": per_min, "peak_rss_mb": resource.getrus
 """
 
 
-def meta_training_probe(steps: int) -> dict[str, Any]:
-    """Outer steps per minute of the default meta-training and the process's peak RSS
-    (one TBPTT truncation of 20 steps on 4 default-family tasks per outer step), in a fresh process."""
+def meta_training_probe(steps: int, rounds: int = 2) -> dict[str, Any]:
+    """Outer steps (and tasks) per minute of the default meta-training and the process's peak RSS
+    (one PES truncation of 20 steps on 4 default-family tasks per outer step), each in a fresh process:
+    the default (the ES/PES copies of a task batched, ``mpbackprop/metatrain/batched.py``) and the copies
+    one after another (``MPBACKPROP_BATCHED=0``, the code before batching), interleaved ``rounds`` times;
+    medians."""
+    import statistics
     import subprocess
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", _META_PROBE, tmp, str(steps)], capture_output=True, text=True,
-                             check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict[str, Any]]] = {"1": [], "0": []}
+    for _ in range(rounds):
+        for mode in runs:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = subprocess.run([sys.executable, "-c", _META_PROBE, tmp, str(steps)], capture_output=True,
+                                     text=True, check=True, env={**os.environ, "MPBACKPROP_BATCHED": mode})
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    fast, slow = (statistics.median(r["outer_steps_per_min"] for r in runs[m]) for m in ("1", "0"))
+    first = runs["1"][0]
+    return {"outer_steps_per_min": round(fast, 1), "sequential_outer_steps_per_min": round(slow, 1),
+            "speedup": round(fast / slow, 2), "tasks_per_min": round(fast * first["tasks_per_step"], 1),
+            "sequential_tasks_per_min": round(slow * first["tasks_per_step"], 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs["1"]), "truncation": first["truncation"],
+            "tasks_per_step": first["tasks_per_step"], "rounds": rounds,
+            "runs": {("batched" if m == "1" else "sequential"): [round(r["outer_steps_per_min"], 1) for r in v]
+                     for m, v in runs.items()}}
 
 
 def _free_port() -> int:
@@ -213,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--meta-steps", type=int, default=10, help="outer steps timed for the meta-training probe")
     ap.add_argument("--quick", action="store_true", help="smallest case, 3 repeats, no meta probe (smoke test)")
+    ap.add_argument("--meta-only", action="store_true",
+                    help="only the meta-training probe (batched against sequential copies; no README)")
     ap.add_argument("--readme", default=None, help="regenerate the performance section of this README")
     ap.add_argument("--rule", default="default", help="learned rule to time: 'default' (packaged), a .pt or a run dir")
     ap.add_argument("--fused", choices=kernels.MODES, default="on",
@@ -228,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     load = [round(x, 2) for x in os.getloadavg()]
+    if args.meta_only:
+        mt = {"load_average": load, **meta_training_probe(args.meta_steps)}
+        mt["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        print(strict_json.dumps(mt, indent=2) if args.json else f"meta-training (default family): {mt}")
+        return 0
     names = ["mlp-64-128-10"] if args.quick else list(CASES)
     repeats = 3 if args.quick else args.repeats
     cases = [bench_case(n, args.batch, repeats, args.rule, args.fused) for n in names]
@@ -313,8 +336,10 @@ def _write_readme(path: Path, result: dict[str, Any]) -> None:
     if "meta_training" in result:
         mt = result["meta_training"]
         body.append(f"- Default meta-training: **{mt['outer_steps_per_min']:.0f} outer steps/min** "
-                    f"({mt['tasks_per_step']} tasks × {mt['truncation']} inner steps each), peak RSS "
-                    f"**{mt['peak_rss_mb']:.0f} MB** (target ≤ 2 GB).")
+                    f"({mt['tasks_per_step']} tasks × {mt['truncation']} inner steps each; "
+                    f"{mt['tasks_per_min']:.0f} tasks/min), against {mt['sequential_outer_steps_per_min']:.0f} with "
+                    f"the ES/PES copies run one after another (`MPBACKPROP_BATCHED=0`): **{mt['speedup']:.2f}×**; "
+                    f"peak RSS **{mt['peak_rss_mb']:.0f} MB** (target ≤ 2 GB).")
     if "distributed" in result:
         d1, d2 = result["distributed"]["1_process"], result["distributed"]["2_process"]
         body.append(f"- Distributed meta-training (`torchrun --nproc-per-node 2`): {d1['tasks_per_min']:.0f} → "

@@ -10,6 +10,11 @@
   pair keeps its own inner state and accumulates its perturbations ``ξ``, so the
   estimate is unbiased across truncations.
 
+The ``2 × es_pairs`` perturbed copies of a task slot run through
+:func:`~mpbackprop.metatrain.batched.unroll_copies`: together, as one batched unroll, where
+:func:`~mpbackprop.metatrain.batched.supported` says so (the default exact backward and scheduled update),
+else one after another.
+
 An estimator returns a flat gradient vector (so that estimates from several workers can
 be averaged with one all-reduce), the mean meta-loss and counters. Its persistent part
 (``state_dict``) goes into checkpoints.
@@ -19,9 +24,8 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +34,8 @@ from ..rules import BackwardRule, UpdateRule
 from ..tasks import TaskFamily
 from .config import MetaConfig
 from .distributed import Workers
-from .inner import InnerState, new_inner, sample_horizon, unroll
+from .batched import perturbed, unroll_copies
+from .inner import InnerState, UnrollResult, new_inner, sample_horizon, unroll
 
 __all__ = ["Estimate", "Estimator", "TruncatedBackprop", "AntitheticES", "PersistentES", "make_estimator",
            "flat_params"]
@@ -48,24 +53,6 @@ class Estimate:
 
 def flat_params(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
-
-
-@contextmanager
-def perturbed(params: list[torch.nn.Parameter], eps: Tensor) -> Iterator[None]:
-    """Temporarily set the flat meta-parameters to ``φ + eps`` (restored exactly afterwards)."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        k = 0
-        for p in params:
-            n = p.numel()
-            p.add_(eps[k:k + n].view_as(p).to(p.dtype))
-            k += n
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
 
 
 class Estimator:
@@ -183,16 +170,14 @@ class AntitheticES(Estimator):
         return {k: [torch.randn(size, generator=self.noise[k], dtype=torch.float64) * self.cfg.es_sigma
                     for _ in range(self.cfg.es_pairs)] for k in self.all_slots}
 
-    def _pair_loss(self, inner: InnerState, eps: Tensor) -> tuple[float, float]:
-        out = []
-        for sign in (1.0, -1.0):
-            trial = inner.copy()
-            with perturbed(self.params, sign * eps), torch.no_grad():
-                res = self._unroll(trial, differentiable=False)
-            if res.diverged or res.weight == 0:
-                return math.nan, math.nan
-            out.append(float(res.meta_loss) / res.weight)
-        return out[0], out[1]
+    def _copies(self, states: list[InnerState], eps: list[Tensor]) -> list[UnrollResult]:
+        """Unroll ``states`` in place, ``states[2j]`` at ``φ + eps[j]`` and ``states[2j+1]`` at ``φ − eps[j]``
+        (batched where :func:`~mpbackprop.metatrain.batched.supported`)."""
+        c = self.cfg
+        deltas = [sign * e for e in eps for sign in (1.0, -1.0)]
+        with torch.no_grad():
+            return unroll_copies(self.rule, self.update, self.params, states, deltas, c.truncation, c.objective,
+                                 c.final_weight, c.val_examples, c.diverge_factor)
 
     def _combine(self, coef: Tensor, loss: Tensor, used: Tensor, flags: Tensor,
                  directions: dict[int, list[Tensor]]) -> tuple[Estimate, Tensor]:
@@ -222,8 +207,10 @@ class AntitheticES(Estimator):
         coef, loss, used, flags = self._scalars()
         for i, (inner, slot) in enumerate(zip(self.inner, self.slots)):
             row = self.all_slots.index(slot)
-            for j, e in enumerate(eps[slot]):
-                lp, lm = self._pair_loss(inner, e)
+            results = self._copies([inner.copy() for _ in range(2 * len(eps[slot]))], eps[slot])
+            for j in range(len(eps[slot])):
+                lp, lm = [math.nan if r.diverged or r.weight == 0 else float(r.meta_loss) / r.weight
+                          for r in results[2 * j:2 * j + 2]]
                 if math.isfinite(lp) and math.isfinite(lm):
                     coef[row, j], loss[row, j], used[row, j] = (lp - lm) / (2 * sigma2), 0.5 * (lp + lm), 1.0
             with torch.no_grad():
@@ -274,14 +261,10 @@ class PersistentES(AntitheticES):
         coef, loss, used, flags = self._scalars()
         for i, slot in enumerate(self.slots):
             row = self.all_slots.index(slot)
-            reset = False
-            for j, (plus, minus) in enumerate(self.pairs[i]):
-                vals = []
-                for state, sign in ((plus, 1.0), (minus, -1.0)):
-                    with perturbed(self.params, sign * eps[slot][j]), torch.no_grad():
-                        res = self._unroll(state, differentiable=False)
-                    reset |= res.diverged
-                    vals.append(float(res.meta_loss) / res.weight if res.weight > 0 else math.nan)
+            results = self._copies([s for pair in self.pairs[i] for s in pair], eps[slot])
+            reset = any(r.diverged for r in results)
+            for j in range(len(self.pairs[i])):
+                vals = [float(r.meta_loss) / r.weight if r.weight > 0 else math.nan for r in results[2 * j:2 * j + 2]]
                 if all(math.isfinite(v) for v in vals):
                     coef[row, j], loss[row, j], used[row, j] = (vals[0] - vals[1]) / (2 * sigma2), \
                         0.5 * (vals[0] + vals[1]), 1.0
