@@ -162,6 +162,19 @@ def _conv(spec: "TaskSpec", shape: tuple[int, ...], num_outputs: int) -> nn.Modu
     return nn.Sequential(*layers)
 
 
+def _lenet(spec: "TaskSpec", shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """LeNet-style: per width, Conv3x3 → BatchNorm2d (batch statistics) → activation → MaxPool2d(2);
+    then global average pooling and a Linear classifier."""
+    act = _ACTS[spec.activation]
+    layers: list[nn.Module] = []
+    ch = shape[0]
+    for c in spec.widths:
+        layers += [nn.Conv2d(ch, c, 3, padding=1), nn.BatchNorm2d(c), act(), nn.MaxPool2d(2)]
+        ch = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, num_outputs)]
+    return nn.Sequential(*layers)
+
+
 for _name, _shape, _kind, _load in [
     ("digits", (64,), "classification", lambda: _sk("digits")),
     ("digits-image", (1, 8, 8), "classification", lambda: _sk("digits")),
@@ -175,6 +188,7 @@ for _name, _shape, _kind, _load in [
     register_dataset(_name, _shape, _kind, _load)
 register_arch("mlp", _mlp)
 register_arch("conv", _conv)
+register_arch("lenet", _lenet)
 
 
 @functools.lru_cache(maxsize=32)
@@ -383,6 +397,9 @@ FAMILIES: dict[str, TaskFamily] = {
                    ((32,), (64,), (32, 32)), ("relu", "tanh"), (16, 32), "all of the above"),
         TaskFamily("digits-conv", ("digits-image",), "conv", ((4,), (8,), (4, 8)), ("relu", "tanh"), (16, 32),
                    "digits as 1x8x8 images, Conv3x3-AvgPool stacks"),
+        TaskFamily("digits-lenet", ("digits-image",), "lenet", ((4,), (8,), (4, 8)), ("relu", "tanh"), (16, 32),
+                   "digits as 1x8x8 images, LeNet-style: Conv3x3-BatchNorm-MaxPool stacks, global average "
+                   "pooling (batch statistics in training and in validation)"),
     ]
 }
 

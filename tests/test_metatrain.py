@@ -242,3 +242,28 @@ def test_start_offsets_put_the_first_runs_out_of_phase():
     off = make_estimator(cfg.replace(start_offsets=False), FAMILIES["digits-mlp"], rule, update)
     off._ensure()
     assert [s.step for s in off.inner] == [0, 0, 0]
+
+
+def test_lenet_family_has_batchnorm_and_maxpool_and_trains_as_autograd_does():
+    from mpbackprop.engine import train_step
+    from mpbackprop.rules import SGD, Exact
+
+    spec = FAMILIES["digits-lenet"].tasks("train", 1)[0]
+    task = Task(spec)
+    assert {"conv2d", "batchnorm", "affine", "maxpool2d", "adaptive_avgpool2d"} <= {l.kind for l in task.net.layers}
+    model = spec.build_model(10).train()  # the same initial parameters, batch statistics
+    assert torch.equal(task.net.read_from(model), task.theta0)
+    # SGD, not Adam: a conv bias before BatchNorm has a zero gradient up to rounding, which Adam would blow up
+    opt_torch = torch.optim.SGD(model.parameters(), lr=0.1)
+    theta, update, rule = task.theta0.clone(), SGD(0.1), Exact()
+    opt, rs = update.init_state(theta), rule.init_state(task.net)
+    gen = task.batch_generator(0)
+    for k in range(10):
+        x, y = task.batch(gen)
+        r = train_step(task.net, theta, x, y, rule, update, rs, opt, k, loss=task.loss)
+        theta, opt = r.theta, r.state
+        opt_torch.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt_torch.step()
+    assert torch.allclose(theta, task.net.read_from(model).detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(theta, task.theta0)
