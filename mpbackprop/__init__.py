@@ -13,6 +13,7 @@ from .errors import GraphFileError, ModelFileError, MPBackpropError, ShapeError,
 from .layers import Layer, ParamTensor
 from . import rules, tasks
 from .network import CompiledNetwork, ForwardRecord, compile, load
+from .inner_step import InnerStep
 from .trainer import Trainer
 from .verify import verify
 
@@ -23,6 +24,7 @@ __all__ = [
     "Activation",
     "CompiledNetwork",
     "ForwardRecord",
+    "InnerStep",
     "GraphFileError",
     "Layer",
     "ModelFileError",

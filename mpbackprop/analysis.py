@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import backward as run_backward
-from .engine import forward_and_seed
+from .engine import layer_context
+from .inner_step import InnerStep
 from .kinds import Coefficients
 from .losses import resolve_loss
 from .network import CompiledNetwork
-from .rules import Adam, BackwardRule, LayerContext, UpdateContext, UpdateRule
+from .rules import Adam, BackwardRule, UpdateContext, UpdateRule
 
 __all__ = ["LayerSeries", "Analysis", "analyze", "plot_alignment", "plot_curves"]
 
@@ -93,28 +93,29 @@ def analyze(net: CompiledNetwork, theta: Tensor, batches: Any, evaluate: Any, ba
             message_steps: tuple[int, ...] = (), name: str = "rule") -> Analysis:
     """Train ``net`` from ``theta`` for ``steps`` steps and record the alignment series.
 
-    ``batches()`` returns the next ``(x, y)``; ``evaluate(theta)`` the validation loss.
+    ``batches()`` returns the next ``(x, y)``; ``evaluate(theta)`` the validation loss. The run is an
+    :class:`~mpbackprop.inner_step.InnerStep` (told ``total_steps = steps``), so the rule sees what it
+    sees in training; the messages drawn at ``message_steps`` are computed from the coefficients of that
+    step (the parameters and the update's history before its update, :func:`~mpbackprop.engine.layer_context`).
     """
     loss_fn = resolve_loss(loss)
     weighted = [layer for layer in net.layers if layer.weighted]
     series = [LayerSeries(layer.name, layer.index, layer.kind) for layer in weighted]
-    rule_state = backward_rule.init_state(net)
-    opt_state = update.init_state(theta)
+    run = InnerStep.start(net, theta, backward_rule, update, total_steps=steps, batches=batches, loss=loss_fn)
     adam = Adam(adam_lr)
     adam_state = adam.init_state(theta)
     segments = net.graph.nodes["param"].data["tensor"]
     result = Analysis(name, steps, series, [])
     for step in range(steps):
-        x, y = batches()
+        x, y = run.next_batch()
+        theta, history = run.theta, run.history  # before this step's update
         with torch.enable_grad():  # the true gradient, by autograd on the same batch
             th = theta.detach().clone().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss_fn(net(x, th), y), th)
         with torch.no_grad():
-            record, _, dl = forward_and_seed(net, theta, x, y, loss_fn)
-            res = run_backward(net, record, dl, backward_rule, rule_state, theta, opt_state)
-            ctx = UpdateContext(theta, res.signal, opt_state, step, segments, len(net.tensors), net.tensor_sizes,
-                                steps, net.tensor_fan_in)
-            new_theta, opt_state = update.step(ctx)
+            res = run.step(x, y, keep_backward=True).backward
+            assert res is not None
+            new_theta = run.theta
             adam_theta, adam_state = adam.step(UpdateContext(theta, grad.unsqueeze(1), adam_state, step, segments,
                                                              len(net.tensors), net.tensor_sizes))
             delta, adam_delta = theta - new_theta, theta - adam_theta
@@ -143,17 +144,13 @@ def analyze(net: CompiledNetwork, theta: Tensor, batches: Any, evaluate: Any, ba
                 parts = []
                 for layer in weighted:
                     b = res.b[layer.index]
-                    w = theta[layer.weight.offset:layer.weight.stop]
-                    coef = backward_rule.coefficients(LayerContext(layer, w, rule_state, layer.index / (len(net.layers) - 1),
-                                                                   {k: v[layer.weight.offset:layer.weight.stop]
-                                                                    for k, v in opt_state.items()}))
+                    coef = backward_rule.coefficients(layer_context(net, layer.index, theta, run.rule_state, history))
                     if b is None or coef is None:
                         parts.append(torch.zeros(net.views[layer.index].num_edges))
                     else:
                         parts.append(_messages(net, layer, b, coef))
                 result.messages[step] = torch.cat(parts)
-            theta = new_theta
-            result.val_loss.append(float(evaluate(theta)))
+            result.val_loss.append(float(evaluate(new_theta)))
     return result
 
 

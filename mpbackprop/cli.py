@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import sys
 import time
 import traceback
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -40,17 +38,19 @@ from . import __version__
 from ._io import atomic_write, is_disk_full
 from ._json import dumps
 from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError, first_line
+from .evaluation_run import SUITE_CHOICES
+from .exports import FORMATS
 from .limits import MAX_META_SEED, MAX_SEED, MAX_THREADS
-from .metatrain.config import MetaConfig
+from .losses import LOSSES
+from .metatrain.config import CHOICES, MetaConfig
+from .tables import shape_text
 from .tasks import FAMILIES
+from .verify import DTYPES, RULES
 
 __all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "META_SEED",
            "THREADS", "PositiveFloat", "PlotFile", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: Output formats of ``compile`` and their default file extensions.
-FORMATS: dict[str, str] = {"dgl": ".bin", "graphml": ".graphml", "json": ".json"}
 
 CONTEXT_SETTINGS = {
     "auto_envvar_prefix": "MPBACKPROP",
@@ -316,7 +316,7 @@ def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
         with model_output_to_stderr():
             yield
     except (UnsupportedOpError, ShapeError, GraphTooLargeError) as exc:
-        raise type(exc)(f"{model_path} (input shape {_shape_text(shape)}): {exc}") from exc
+        raise type(exc)(f"{model_path} (input shape {shape_text(shape)}): {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- group
@@ -343,26 +343,6 @@ def main(ctx: click.Context, seed: int, debug: bool) -> None:
 
 # --------------------------------------------------------------------------- compile
 
-
-
-def _shape_text(shape: Any) -> str:
-    return "x".join(str(s) for s in shape) if len(shape) else "scalar"
-
-
-def _edge_breakdown(summary: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    total = uses = bias = fixed = 0
-    for key, count in summary["num_edges"].items():
-        total += count
-        etype = key.split(":")[1]
-        if etype.endswith("_rev"):
-            continue
-        if etype.startswith("in_"):
-            uses += count
-        elif etype.startswith("bias_"):
-            bias += count
-        elif etype.startswith("fixed_"):
-            fixed += count
-    return total, len(summary["num_edges"]), uses, bias, fixed
 
 
 _FORMAT_HELP = """\
@@ -411,111 +391,22 @@ pass differs from the module's on a random input.
 def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, ...] | None, attr: str | None,
                 format_: str | None) -> None:
     import mpbackprop
-    from .exports import write_graphml, write_json
+    from .exports import output_format, write
     from .modelfile import load_model
+    from .tables import compile_lines
 
-    out, fmt = output, format_
-    if fmt is None:
-        suffix = out.suffix.lower() if out is not None else ""
-        fmt = next((name for name, ext in FORMATS.items() if ext == suffix), "dgl")
-        if suffix == ".xml":
-            fmt = "graphml"
-    if out is None:
-        out = Path(model_path.stem + FORMATS[fmt])
-
+    out, fmt = output_format(output, format_, model_path)
     model, shape = load_model(model_path, attr=attr, input_shape=input_shape)
     start = time.perf_counter()
     with _about(model_path, shape):
         net = mpbackprop.compile(model, shape)
     elapsed = time.perf_counter() - start
-    summary = net.summary()
-
-    if fmt == "dgl":
-        net.save(out)
-    elif fmt == "graphml":
-        write_graphml(net, out, str(model_path))
-    else:
-        write_json(net, out, str(model_path))
-
-    total, n_types, uses, bias, fixed = _edge_breakdown(summary)
-    kinds = Counter(layer.kind for layer in net.layers[1:])
-    kind_text = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in kinds.items())
-    click.echo(f"model: {model_path} ({type(model).__name__}), input {_shape_text(net.input_shape)} "
-               f"-> output {_shape_text(net.output_shape)}")
-    click.echo(f"neurons: {net.num_neurons}")
-    click.echo(f"params: {net.num_params}" + (f" ({net.num_frozen} frozen)" if net.num_frozen else ""))
-    click.echo(f"edges: {total} in {n_types} edge types ({uses} weight uses, {bias} bias, {fixed} fixed; "
-               "each with its reverse type)")
-    click.echo(f"layers: {len(net.layers) - 1} ({kind_text})")
-    click.echo(f"compile time: {elapsed:.3f} s")
-    click.echo(f"wrote: {out} ({fmt})")
+    write(net, out, fmt, str(model_path))
+    for line in compile_lines(net, model_path, model, out, fmt, elapsed):
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------- inspect
-def format_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> list[str]:
-    """Rows of an aligned text table (columns in ``right`` right-aligned)."""
-    right = right or set()
-    cells = [[str(c) for c in row] for row in [headers, *rows]]
-    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
-    lines = []
-    for row in cells:
-        parts = [c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(parts).rstrip())
-    return lines
-
-
-_ETYPE_RANK = {"in": 0, "out": 1, "bias": 2, "fixed": 3}
-
-
-def _etype_order(item: tuple[str, int]) -> tuple[Any, ...]:
-    """Sort ``src:etype:dst`` keys by layer, then in/out/bias/fixed, forward before reverse."""
-    etype = item[0].split(":")[1]
-    parts = etype.split("_")
-    rev = parts[-1] == "rev"
-    if rev:
-        parts = parts[:-1]
-    layer = int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else -1
-    return (layer, _ETYPE_RANK.get(parts[0], 9), rev, item[0])
-
-
-def inspect_lines(summary: dict[str, Any], path: str = "") -> list[str]:
-    """The text ``mpbackprop inspect`` prints for a ``CompiledNetwork.summary()``."""
-    layers = summary["layers"]
-    out = []
-    if path:
-        out.append(f"file: {path}")
-    output = layers[summary["output_layer"]]
-    out.append(f"input shape: {_shape_text(summary['input_shape'])}   output: layer {summary['output_layer']} "
-               f"({output['name']}), shape {_shape_text(output['shape'])}")
-    out.append("")
-    out.append("nodes:")
-    out += ["  " + ln for ln in format_table(
-        ["type", "count"], [[k, v] for k, v in summary["num_nodes"].items()], right={1})]
-    out.append("")
-    out.append("edges:")
-    edge_rows = [[k, v] for k, v in sorted(summary["num_edges"].items(), key=_etype_order)]
-    edge_rows.append(["total", sum(summary["num_edges"].values())])
-    out += ["  " + ln for ln in format_table(["canonical edge type", "count"], edge_rows, right={1})]
-    out.append("")
-    out.append("layers:")
-    frozen = any(d.get("frozen", 0) for d in layers)  # a column only when something is frozen
-    headers = ["index", "name", "kind", "shape", "neurons", "params", *(["frozen"] if frozen else []),
-               "activation", "inputs", "uses"]
-    rows = [[d["index"], d["name"], d["kind"], _shape_text(d["shape"]), d["neurons"], d["params"],
-             *([d.get("frozen", 0)] if frozen else []), d["activation"], ",".join(map(str, d["inputs"])) or "-",
-             d["uses"]] for d in layers]
-    rows.append(["", "total", "", "", sum(d["neurons"] for d in layers), sum(d["params"] for d in layers),
-                 *([sum(d.get("frozen", 0) for d in layers)] if frozen else []), "", "",
-                 sum(d["uses"] for d in layers)])
-    right = {0, 4, 5, 6, 9} if frozen else {0, 4, 5, 8}
-    out += ["  " + ln for ln in format_table(headers, rows, right=right)]
-    if frozen:
-        out.append("")
-        out.append(f"frozen: {summary.get('frozen_params', 0)} params (requires_grad=False; training leaves "
-                   "them unchanged)")
-    return out
-
-
 @main.command("inspect", short_help="Describe a compiled graph file.")
 @click.argument("file", type=_EXISTING_FILE)
 @click.option("--json", "as_json", envvar="MPBACKPROP_INSPECT_JSON", is_flag=True, default=False,
@@ -534,6 +425,7 @@ def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) ->
     the number of frozen parameters per layer when there are any).
     """
     from .exports import load_any
+    from .tables import inspect_lines
 
     net = load_any(file)
     if plot is not None:
@@ -561,11 +453,11 @@ def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) ->
 @click.option("--input-shape", type=ShapeParam(), default=None, help="Per-sample input shape (overrides INPUT_SHAPE).")
 @click.option("--attr", default=None, metavar="NAME", help="Take the network from NAME instead of model/build_model.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, help="Random batch size.")
-@click.option("--rule", type=click.Choice(["exact", "fa"]), default="exact",
+@click.option("--rule", type=click.Choice(RULES), default="exact",
               help="exact: compare with autograd; fa: with autograd through fixed feedback weights.")
-@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
+@click.option("--dtype", type=click.Choice(DTYPES), default="float64",
               help="float64: max abs error <= 1e-10; float32: max relative error <= 1e-4.")
-@click.option("--loss", type=click.Choice(["auto", "cross_entropy", "mse"]), default="auto",
+@click.option("--loss", type=click.Choice(["auto", *LOSSES]), default="auto",
               help="auto: cross-entropy for several outputs, MSE for one.")
 @click.option("--json", "as_json", is_flag=True, default=False,
               help='Print strict JSON {"ok", "max_abs_err", "max_rel_err", "frozen_params", "layers": [...], ...} '
@@ -593,16 +485,10 @@ def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...
     if as_json:
         click.echo(dumps(report.to_json(), indent=2))
     else:
-        click.echo(f"{model_path}: rule {rule}, {dtype}, batch {batch}, loss {report.loss}")
-        frozen = report.frozen_params > 0
-        rows = [[r["layer"], r["name"], r["kind"], r["params"], *([r["frozen"]] if frozen else []),
-                 f"{r['max_abs_err']:.3e}", f"{r['max_rel_err']:.3e}", "ok" if r["ok"] else "FAIL"]
-                for r in report.layers]
-        headers = ["layer", "name", "kind", "params", *(["frozen"] if frozen else []), "max abs err", "max rel err", ""]
-        for line in format_table(headers, rows, right={0, 3, 4, 5, 6} if frozen else {0, 3, 4, 5}):
-            click.echo("  " + line)
-        verdict = "OK" if report.ok else "FAILED"
-        click.echo(f"{verdict}: max abs error {report.max_abs_err:.3e}, max relative error {report.max_rel_err:.3e}")
+        from .tables import verify_lines
+
+        for line in verify_lines(report, model_path, rule, dtype, batch):
+            click.echo(line)
     if not report.ok:
         _exit(EXIT_FAILED)
 
@@ -679,7 +565,7 @@ def _global_seed_for_meta_train(parent: click.Context) -> int:
 @click.option("--task", "task_file", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
               help="A task file (your datasets and models, see mpbackprop.taskfile): its family is the run's; "
                    "the run records its path and fingerprint.")
-@click.option("--estimator", type=click.Choice(["tbptt", "es", "pes"]), default=None,
+@click.option("--estimator", type=click.Choice(CHOICES["estimator"]), default=None,
               help=f"Meta-gradient estimator {_default('estimator')}.")
 @click.option("--outer-steps", type=click.IntRange(min=0), default=None, help=f"Outer steps {_default('outer_steps')}.")
 @click.option("--unroll", default=None, metavar="T|LO,HI", callback=_range_param,
@@ -688,11 +574,11 @@ def _global_seed_for_meta_train(parent: click.Context) -> int:
               help=f"Inner steps per truncation K (at most the longest unroll) {_default('truncation')}.")
 @click.option("--tasks-per-step", type=click.IntRange(min=1), default=None,
               help=f"Tasks averaged per outer step {_default('tasks_per_step')}.")
-@click.option("--objective", type=click.Choice(["mean", "final", "mixed"]), default=None,
+@click.option("--objective", type=click.Choice(CHOICES["objective"]), default=None,
               help=f"Weights of the validation loss over the unroll {_default('objective')}.")
-@click.option("--backward-init", type=click.Choice(["backprop", "feedback"]), default=None,
+@click.option("--backward-init", type=click.Choice(CHOICES["backward_init"]), default=None,
               help=f"Start the learned backward at exact backprop or at feedback alignment {_default('backward_init')}.")
-@click.option("--update-init", type=click.Choice(["adam", "scratch"]), default=None,
+@click.option("--update-init", type=click.Choice(CHOICES["update_init"]), default=None,
               help=f"Start the learned update at Adam or from scratch {_default('update_init')}.")
 @click.option("--meta-lr", type=PositiveFloat(), default=None,
               help=f"Outer Adam learning rate, a finite number > 0 {_default('meta_lr')}.")
@@ -718,6 +604,7 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
     import torch
 
     from .metatrain import MetaTrainer
+    from .metatrain.config import asked_settings, default_run_dir
     from .metatrain.distributed import from_environment
 
     torch.set_num_threads(threads)
@@ -727,20 +614,10 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
         flags["seed"] = _global_seed_for_meta_train(parent)
     flags = {k: (str(v) if k == "task_file" else v) for k, v in flags.items() if v is not None}
     try:  # the settings asked for: the config file's, then the flags given
-        asked: dict[str, Any] = MetaConfig.fields_of(json.loads(config_path.read_text())) if config_path else {}
-        # --resume checks what is asked against the run's own config.json only (in MetaTrainer)
-        base = None if resume else MetaConfig.from_json(asked)
-    except (ValueError, TypeError) as exc:  # JSON syntax, unknown keys, bad values
-        raise CLIError(f"{config_path}: not a valid meta-training config ({first_line(exc)})") from None
-    cfg: MetaConfig | None = None
-    if base is not None:
-        try:
-            cfg = base.replace(**flags)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
-    if out is None:
-        named = cfg.to_json() if cfg is not None else {**_RECIPE.to_json(), **asked, **flags}
-        out = Path("runs") / f"{named['family']}-{named['estimator']}-s{named['seed']}"
+        asked, cfg = asked_settings(config_path, flags, resume)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    out = default_run_dir(cfg, asked, flags) if out is None else out
     workers = from_environment()  # torchrun sets WORLD_SIZE/RANK; a plain run is one worker
     try:
         trainer = MetaTrainer({**asked, **flags} if cfg is None else cfg, out, resume=resume, workers=workers,
@@ -780,38 +657,6 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 
 
 # -------------------------------------------------------------------------- evaluate
-#: Suites a task file's family has (the others swap in built-in datasets, activations or widths).
-_TASK_FILE_SUITES = ("heldout", "horizon")
-
-
-def _task_family(family: str | None, task_file: Path | None, rule: str) -> str:
-    """The family ``evaluate``/``analyze`` build tasks from: ``--family``, else ``--task``'s, else that of
-    the task file a run directory ``rule`` recorded (checked against its fingerprint), else digits-mlp."""
-    from .errors import TaskFileError
-    from .taskfile import load_task_file
-
-    try:
-        if task_file is not None:
-            loaded = load_task_file(task_file).family.name
-            if family is not None and family != loaded:
-                raise CLIError(f"--family {family} and --task {task_file} (family {loaded!r}) disagree; give one")
-            return loaded
-        config = Path(rule) / "config.json"
-        if family is None and config.is_file():
-            try:
-                saved = json.loads(config.read_text())
-            except (OSError, ValueError):
-                saved = None
-            if isinstance(saved, dict) and saved.get("task_file") is not None:
-                try:
-                    return MetaConfig.load_run(config).family
-                except (ValueError, TypeError) as exc:
-                    raise CLIError(f"{config}: {first_line(exc)}") from None
-    except TaskFileError as exc:
-        raise CLIError(str(exc)) from None
-    return family or "digits-mlp"
-
-
 @main.command("evaluate", short_help="Compare a learned rule with tuned baselines.")
 @click.argument("rule", default="default")
 @click.option("--family", default=None,
@@ -819,7 +664,7 @@ def _task_family(family: str | None, task_file: Path | None, rule: str) -> str:
                    "the run's if it used a task file, else digits-mlp].")
 @click.option("--task", "task_file", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
               help="A task file: evaluate on its held-out tasks (suites heldout and horizon).")
-@click.option("--suite", type=click.Choice(["heldout", "wider", "deeper", "act", "data", "horizon", "conv", "long", "all"]),
+@click.option("--suite", type=click.Choice(SUITE_CHOICES),
               default="heldout", help="Which transfer suite ('all': every suite but 'long'; 'long': 10T and 25T "
                                       "on every family, 4x wider and 2x deeper nets).")
 @click.option("--steps", type=click.IntRange(min=1), default=100, help="Horizon T.")
@@ -846,95 +691,32 @@ def evaluate_cmd(rule: str, family: str | None, task_file: Path | None, suite: s
     ablations learned-update-on-exact-backprop, learned-backward+Adam and FA+Adam.
     """
     import torch
-    from tqdm import tqdm
 
-    from . import evaluation as ev
+    from . import evaluation_run as er
+    from .evaluation import resolve_rule
 
     torch.set_num_threads(threads)
-    family = _task_family(family, task_file, rule)
     try:
-        fam = ev.get_family(family)
+        family = er.task_family(family, task_file, rule)
+        er.check_suite(family, suite)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    if fam.source and suite not in _TASK_FILE_SUITES:
-        raise CLIError(f"--suite {suite} changes built-in tasks; a task file's family {family!r} has the suites "
-                       f"{' and '.join(_TASK_FILE_SUITES)}")
-    backward, update, path = ev.resolve_rule(rule)
-    suites = [s for s in ev.SUITES if s != "long"] if suite == "all" else [suite]
-    cache = (out / "tuning") if out else Path.home() / ".cache" / "mpbackprop" / "tuning"
-    if fam.source:  # tuned learning rates belong to one version of the task file
-        cache = cache / f"{family}-{fam.sha256[:16]}"
-    reports: dict[str, Any] = {}
-    all_results: dict[str, list[Any]] = {}
-    plan = {s: ev.suite_tasks(s, family, n_tasks, steps) for s in suites}
-    methods = {s: ev.SUITE_METHODS.get(s, ev.METHODS) for s in suites}
-    total = sum(len(v) * len(methods[s]) for s, v in plan.items())
-    bar = tqdm(total=total, disable=not progress, desc="evaluate", unit="run", dynamic_ncols=True, file=sys.stderr)
-
-    def tick(message: str) -> None:
-        if message.startswith("ran"):
-            bar.update(1)
-        bar.set_postfix_str(message[:60])
-
-    interrupted = False
-    try:
-        for s, tasks in plan.items():
-            results = []
-            for task in tasks:
-                results += ev.evaluate([task], (backward, update), seeds=seeds, methods=methods[s],
-                                       tuning_seeds=tuning_seeds, cache=cache, progress=tick)
-                all_results[s] = results
-                reports[s] = ev.summarize(results, methods[s])
-                if out:
-                    _write_eval(out, reports, path, steps, seeds)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    doc = {"rule": str(path), "steps": steps, "seeds": seeds, "family": family, "suites": reports}
-    if len(reports) == 1:  # the single-suite report keeps its keys at the top level
-        doc.update(next(iter(reports.values())))
+    backward, update, path = resolve_rule(rule)
+    run = er.run_suites((backward, update), path, family, suite, steps, seeds, n_tasks, tuning_seeds, out, progress)
     if plot or out:
-        for s, results in all_results.items():
-            target = plot if (plot and len(all_results) == 1) else None
-            if target is None and plot:
-                target = plot.with_name(f"{plot.stem}-{s}{plot.suffix}")
-            if target is not None:
-                ev.plot_curves(results, target, methods[s])
-            if out:
-                ev.plot_curves(results, out / f"curves-{s}.png", methods[s])
+        er.write_plots(run, plot, out)
     if tb_dir is not None:
-        from .tensorboard import TensorBoard
-
-        tb = TensorBoard(tb_dir)
-        for s, results in all_results.items():
-            tb.evaluation(s, results)
-        tb.close()
+        er.write_tensorboard(run, tb_dir)
     if as_json:
-        click.echo(dumps(doc, indent=2))
+        click.echo(dumps(run.document(), indent=2))
     else:
-        for s, rep in reports.items():
-            click.echo(f"== suite {s} (rule {path}, T={steps}, {seeds} seeds)")
-            for line in ev.format_report(rep, tuple(rep["methods"])):
-                click.echo(line)
+        for line in er.report_lines(run, titles=True):
+            click.echo(line)
     if out:
         click.echo(f"results in {out}/", err=True)
-    if interrupted:
+    if run.interrupted:
         click.echo("interrupted: the finished tasks are saved" if out else "interrupted", err=True)
         _exit(EXIT_INTERRUPTED)
-
-
-def _write_eval(out: Path, reports: dict[str, Any], rule_path: Path, steps: int, seeds: int) -> None:
-    from . import evaluation as ev
-
-    doc = {"rule": str(rule_path), "steps": steps, "seeds": seeds, "suites": reports}
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(dumps(doc, indent=2)))
-    text = []
-    for s, rep in reports.items():
-        text.append(f"== suite {s}")
-        text += ev.format_report(rep, tuple(rep["methods"]))
-    atomic_write(out / "report.txt", lambda p: Path(p).write_text("\n".join(text) + "\n"))
-
 
 
 # --------------------------------------------------------------------------- analyze
@@ -967,13 +749,14 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str | None, task_file: Pa
     import torch
 
     from . import analysis
+    from .evaluation_run import task_family
     from .tasks import get_family
 
     if message_step is not None and message_step > steps:
         raise CLIError(f"--message-step {message_step} is after the last step; allowed: 1..{steps} (--steps {steps})")
     torch.set_num_threads(1)
-    family = _task_family(family, task_file, rule)
     try:
+        family = task_family(family, task_file, rule)
         spec = get_family(family).tasks("heldout", 1)[0]
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -982,19 +765,10 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str | None, task_file: Pa
     if as_json:
         click.echo(dumps(doc, indent=1))
     else:
-        for r in doc["rules"]:
-            click.echo(f"{r['rule']}: validation loss {r['val_loss'][-1]:.4f} after {steps} steps "
-                       f"(tuned Adam {doc['adam_val_loss'][-1]:.4f})")
-            rows = []
-            for layer in r["layers"]:
-                k = max(1, steps // 10)
-                first = sum(layer["cos_to_grad"][:k]) / k
-                last = sum(layer["cos_to_grad"][-k:]) / k
-                rows.append([layer["index"], layer["name"], f"{first:.3f}", f"{last:.3f}",
-                             f"{sum(layer['norm_ratio'][-k:]) / k:.3f}", f"{sum(layer['sign_agreement'][-k:]) / k:.3f}"])
-            for line in format_table(["layer", "name", "cos start", "cos end", "norm ratio", "sign agree"], rows,
-                                     right={0, 2, 3, 4, 5}):
-                click.echo("  " + line)
+        from .tables import analyze_lines
+
+        for line in analyze_lines(doc, steps):
+            click.echo(line)
     if out:
         click.echo(f"results in {out}/ (summary.md, alignment.png, curves.png, messages-*.png)", err=True)
 

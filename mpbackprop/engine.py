@@ -39,9 +39,10 @@ from .kinds import BlockInput, Coefficients, select_kernel
 from .kinds import get as kind_of
 from .losses import LossFn, resolve_loss
 from .network import CompiledNetwork, ForwardRecord
-from .rules.base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
+from .rules.base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateHistory, UpdateRule
 
-__all__ = ["BackwardResult", "StepResult", "forward_and_seed", "backward", "train_step", "signals"]
+__all__ = ["BackwardResult", "StepResult", "forward_and_seed", "backward", "train_step", "signals", "layer_depth",
+           "layer_context"]
 
 
 @dataclass
@@ -65,13 +66,29 @@ class BackwardResult:
 
 @dataclass
 class StepResult:
-    """Result of :func:`train_step`."""
+    """Result of :func:`train_step` (``backward``: the pass's :class:`BackwardResult` when asked for)."""
 
     loss: Tensor
     theta: Tensor
     state: dict[str, Tensor]
     signal: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    backward: BackwardResult | None = None
+
+
+def layer_depth(net: CompiledNetwork, k: int) -> float:
+    """Depth of block ``k`` as the rules see it: ``k / (number of blocks − 1)``, in ``[0, 1]``."""
+    return k / max(len(net.layers) - 1, 1)
+
+
+def layer_context(net: CompiledNetwork, k: int, theta: Tensor, rule_state: dict[str, Tensor],
+                  history: UpdateHistory | None = None) -> LayerContext:
+    """What :meth:`~mpbackprop.rules.BackwardRule.coefficients` sees for weighted block ``k``: its weights
+    in ``theta``, its slice of the update's ``history`` (the state before this step's update)."""
+    wt = net.layers[k].weight
+    assert wt is not None
+    hist = UpdateHistory() if history is None else history.slice(wt.offset, wt.stop)
+    return LayerContext(net.layers[k], theta[wt.offset:wt.stop], rule_state, layer_depth(net, k), hist)
 
 
 def forward_and_seed(
@@ -117,7 +134,7 @@ def backward(
     rule: BackwardRule,
     rule_state: dict[str, Tensor],
     theta: Tensor,
-    history: dict[str, Tensor] | None = None,
+    history: UpdateHistory | None = None,
     fused: bool = True,
 ) -> BackwardResult:
     """Propagate the error signal backwards through ``net`` with ``rule``.
@@ -134,8 +151,8 @@ def backward(
         ``rule.init_state(net)``.
     theta : Tensor
         ``(P,)`` parameters of this step.
-    history : dict, optional
-        Per-parameter statistics of the update rule (flat ``(P,)`` tensors) offered to the rule.
+    history : UpdateHistory, optional
+        The update rule's named statistics (:meth:`~mpbackprop.rules.UpdateRule.history`) offered to the rule.
     fused : bool
         Run ``Linear`` layers with linear messages as dense contractions (same numbers as
         the DGL path up to summation order; ``False`` forces DGL message passing everywhere).
@@ -144,7 +161,6 @@ def backward(
     n = len(layers)
     batch = dloss_da.shape[0]
     d = rule.state_dim
-    depth_den = max(n - 1, 1)
 
     a_t: list[Tensor] = [a.t() for a in record.a]  # (N, B) views; node axis first for DGL
     z_t: list[Tensor | None] = [None] + [z.t() for z in record.z[1:]]  # type: ignore[union-attr]
@@ -160,17 +176,16 @@ def backward(
     out = net.output_layer
     M: list[Tensor | None] = [None] * n
     B: list[Tensor | None] = [None] * n
-    seed_ctx = NodeContext(layers[out], dloss_da.t(), z_t[out], a_t[out], fprime(out), out / depth_den, True)  # type: ignore[arg-type]
+    seed_ctx = NodeContext(layers[out], dloss_da.t(), z_t[out], a_t[out], fprime(out), layer_depth(net, out), True)  # type: ignore[arg-type]
     M[out] = rule.seed(dloss_da.t().contiguous(), seed_ctx)
     parts: dict[int, Tensor] = {}  # param offset -> (numel, d)
-    history = history or {}
 
     for k in range(n - 1, 0, -1):
         if M[k] is None:
             continue
         layer, view = layers[k], views[k]
         assert view is not None
-        ctx = NodeContext(layer, M[k], z_t[k], a_t[k], fprime(k), k / depth_den, k == out)  # type: ignore[arg-type]
+        ctx = NodeContext(layer, M[k], z_t[k], a_t[k], fprime(k), layer_depth(net, k), k == out)  # type: ignore[arg-type]
         b = rule.node(ctx).contiguous()
         B[k] = b
         sources = view.sources
@@ -183,9 +198,9 @@ def backward(
             wt = layer.weight
             assert wt is not None and view.param is not None and view.to_param is not None
             if needs_messages:
-                w = theta[wt.offset:wt.stop]
-                hist = {key: v[wt.offset:wt.stop] for key, v in history.items()}
-                inp.coef = Coefficients.of(rule.coefficients(LayerContext(layer, w, rule_state, k / depth_den, hist)))
+                lctx = layer_context(net, k, theta, rule_state, history)
+                w = lctx.weight
+                inp.coef = Coefficients.of(rule.coefficients(lctx))
                 if inp.coef is None:  # non-linear messages: the rule's own edge/node UDFs
                     s0 = sources[0]
                     post = {"z": z_t[k], "a": a_t[k], "fprime": fprime(k)}
@@ -255,6 +270,7 @@ def train_step(
     trace: bool = False,
     fused: bool = True,
     total_steps: int | None = None,
+    keep_backward: bool = False,
 ) -> StepResult:
     """One training step of ``net`` with a backward rule and an update rule (functional).
 
@@ -263,13 +279,15 @@ def train_step(
     backward state and signals are written onto ``net.graph`` for inspection:
     ``g.nodes['neuron'].data['b']`` ``(N, B, d)``, ``['M']``, ``['z']``, ``['a']`` ``(N, B)``,
     ``g.nodes['param'].data['signal']`` ``(P, d)`` and ``['delta']`` ``(P,)``. ``total_steps`` is the
-    stated length of the run, passed on to the update rule (rules with a schedule need it).
+    stated length of the run, passed on to the update rule (rules with a schedule need it). The backward
+    rule sees the update's :meth:`~mpbackprop.rules.UpdateRule.history` of ``opt_state`` (before this
+    step's update). ``keep_backward=True`` returns the pass's :class:`BackwardResult` in ``backward``.
     """
     loss_fn = resolve_loss(loss)
     record, value, dl = forward_and_seed(net, theta, x, y, loss_fn, differentiable)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
     with grad_ctx:
-        result = backward(net, record, dl, rule, rule_state, theta, opt_state, fused=fused)
+        result = backward(net, record, dl, rule, rule_state, theta, update.history(opt_state), fused=fused)
         uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
                              len(net.tensors), net.tensor_sizes, total_steps, net.tensor_fan_in)
         new_theta, new_state = update.step(uctx)
@@ -278,7 +296,7 @@ def train_step(
             new_theta, new_state = _keep_frozen(frozen, theta, new_theta, opt_state, new_state)
     if trace:
         write_trace(net, record, result, (theta - new_theta).detach())
-    return StepResult(value, new_theta, new_state, result.signal)
+    return StepResult(value, new_theta, new_state, result.signal, backward=result if keep_backward else None)
 
 
 def _keep_frozen(frozen: Tensor, theta: Tensor, new_theta: Tensor, state: dict[str, Tensor],

@@ -44,7 +44,7 @@ import torch
 
 from . import _json as strict_json
 from ._io import atomic_write
-from .engine import train_step
+from .inner_step import InnerStep
 from .metatrain.inner import get_task
 from .rules import SGD, Adam, BackwardRule, Exact, FeedbackAlignment, UpdateRule, kernels
 from .tasks import FAMILIES, TaskSpec, get_family
@@ -127,23 +127,21 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
     run_spec = replace(spec, init_seed=spec.init_seed + seed)
     task = get_task(run_spec)
     backward, update = _method_rules(method, rule, lr, seed)
-    theta = task.theta0.clone()
-    opt = update.init_state(theta)
-    rs = backward.init_state(task.net)
     gen = task.batch_generator(seed)  # same batches for every method of this seed
+    run = InnerStep.start(task.net, task.theta0.clone(), backward, update, total_steps=steps,
+                          batches=lambda: task.batch(gen), loss=task.loss)
     losses, accs = [], []
     elapsed = 0.0
     diverged = False
     compiles = len(kernels.compile_log())  # a fused kernel's one-off compilation is not a step's time
     with torch.no_grad():
-        initial = float(task.evaluate(theta, val_examples)[0])
+        initial = float(task.evaluate(run.theta, val_examples)[0])
         for k in range(steps):
-            x, y = task.batch(gen)
+            x, y = run.next_batch()
             t0 = time.perf_counter()
-            r = train_step(task.net, theta, x, y, backward, update, rs, opt, k, loss=task.loss, total_steps=steps)
+            run.step(x, y)
             elapsed += time.perf_counter() - t0
-            theta, opt = r.theta, r.state
-            loss, acc = task.evaluate(theta, val_examples)
+            loss, acc = task.evaluate(run.theta, val_examples)
             lv = float(loss)
             if is_diverged(lv):
                 diverged = True

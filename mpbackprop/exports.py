@@ -29,8 +29,11 @@ from .graph import NEURON, PARAM
 from .layers import Layer
 from .network import CompiledNetwork
 
-__all__ = ["JSON_FORMAT", "GRAPHML_FORMAT", "json_document", "networkx_for_export", "write_json", "write_graphml",
-           "read_json", "read_graphml", "load_any"]
+__all__ = ["JSON_FORMAT", "GRAPHML_FORMAT", "FORMATS", "json_document", "networkx_for_export", "write_json",
+           "write_graphml", "output_format", "write", "read_json", "read_graphml", "load_any"]
+
+#: Output formats of ``compile`` and their default file extensions.
+FORMATS: dict[str, str] = {"dgl": ".bin", "graphml": ".graphml", "json": ".json"}
 
 JSON_FORMAT = "mpbackprop-json"
 GRAPHML_FORMAT = "mpbackprop-graphml"
@@ -124,6 +127,32 @@ def write_graphml(net: CompiledNetwork, path: str | os.PathLike, model_path: str
 
 
 # ------------------------------------------------------------------------------------ reading
+def output_format(output: Path | None, fmt: str | None, model_path: Path) -> tuple[Path, str]:
+    """The file and format a compile writes: ``fmt``, else the one ``output``'s suffix names (``.xml``:
+    graphml), else dgl; the file defaults to ``./<model stem><format extension>``."""
+    if fmt is None:
+        suffix = output.suffix.lower() if output is not None else ""
+        fmt = next((name for name, ext in FORMATS.items() if ext == suffix), "dgl")
+        if suffix == ".xml":
+            fmt = "graphml"
+    if output is None:
+        output = Path(model_path.stem + FORMATS[fmt])
+    return output, fmt
+
+
+def write(net: CompiledNetwork, path: Path, fmt: str, model_path: str = "") -> Path:
+    """Write ``net`` to ``path`` in ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "dgl":
+        net.save(path)
+    elif fmt == "graphml":
+        write_graphml(net, path, model_path)
+    elif fmt == "json":
+        write_json(net, path, model_path)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    return path
+
+
 def _feature(name: str, values: Any, dtype: torch.dtype) -> Tensor:
     if name in _FLOAT_FEATURES:
         return torch.tensor(_nulls_to_nan(values), dtype=dtype)

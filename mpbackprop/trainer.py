@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .engine import train_step
+from .inner_step import InnerStep
 from .losses import LossFn, resolve_loss
 from .network import CompiledNetwork, compile
 from .rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update, rule_path
@@ -84,22 +84,46 @@ class Trainer:
         else:
             self.update = saved_update or make_update("adam", lr=1e-3)
         self.loss = resolve_loss(loss)
-        self.net: CompiledNetwork | None = None
-        self.theta: Tensor | None = None
-        self.rule_state: dict[str, Tensor] = {}
-        self.opt_state: dict[str, Tensor] = {}
-        self.steps = 0
+        self.inner: InnerStep | None = None  # the run, from the first step on
+        self._steps = 0  # the step count before the first step (a loaded state_dict's)
         self.schedule = schedule
         self._pending: dict[str, dict[str, Tensor]] | None = None  # loaded state waiting for the first step
+
+    # the run's parts (None / empty before the first step)
+    @property
+    def net(self) -> CompiledNetwork | None:
+        return None if self.inner is None else self.inner.net
+
+    @property
+    def theta(self) -> Tensor | None:
+        return None if self.inner is None else self.inner.theta
+
+    @property
+    def rule_state(self) -> dict[str, Tensor]:
+        return {} if self.inner is None else self.inner.rule_state
+
+    @property
+    def opt_state(self) -> dict[str, Tensor]:
+        return {} if self.inner is None else self.inner.opt_state
+
+    @property
+    def steps(self) -> int:
+        return self._steps if self.inner is None else self.inner.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        if self.inner is None:
+            self._steps = value
+        else:
+            self.inner.steps = value
 
     def _bind(self, x: Tensor) -> None:
         net = compile(self.model, x)
         theta = net.read_from(self.model).clone()
         for p in net.tensors:  # module parameters become views of theta
             self.model.get_parameter(p.path).data = theta[p.offset:p.stop].view(p.shape)
-        self.net, self.theta = net, theta
-        self.rule_state = self.rule.init_state(net)
-        self.opt_state = self.update.init_state(theta)
+        self.inner = InnerStep.start(net, theta, self.rule, self.update, total_steps=self.total_steps, loss=self.loss)
+        self.inner.steps = self._steps
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._restore(pending["rule_state"], pending["update_state"])
@@ -124,20 +148,22 @@ class Trainer:
             loss_fn, (x, y) = self.loss, args
         else:
             raise TypeError("use step(x, y) or step(loss_fn, x, y)")
-        if self.net is None:
+        if self.inner is None:
             self._bind(x)
-        assert self.net is not None and self.theta is not None
+        inner = self.inner
+        assert inner is not None
         self._sync_frozen()
-        result = train_step(self.net, self.theta, x, y, self.rule, self.update, self.rule_state, self.opt_state,
-                            self.steps, loss=loss_fn, trace=trace, total_steps=self.total_steps)
+        theta, step = inner.theta, inner.steps  # the module's parameters are views of theta
+        # rule, update and run length may be changed between steps, as an optimizer's param_groups
+        inner.rule, inner.update, inner.total_steps = self.rule, self.update, self.total_steps
+        result = inner.step(x, y, loss=loss_fn, trace=trace)
         new_theta = result.theta
         if self.schedule is not None:
-            factor = float(self.schedule(self.steps))
-            new_theta = self.theta + factor * (new_theta - self.theta)
+            factor = float(self.schedule(step))
+            new_theta = theta + factor * (new_theta - theta)
         with torch.no_grad():
-            self.theta.copy_(new_theta)
-        self.opt_state = result.state
-        self.steps += 1
+            theta.copy_(new_theta)
+        inner.theta = theta  # the step lands in the module's storage
         return float(result.loss)
 
     # ------------------------------------------------------------------ checkpoints (torch.optim's convention)
@@ -200,5 +226,6 @@ class Trainer:
                 shapes = {k: tuple(v.shape) for k, v in saved.items()}
                 raise ValueError(f"the state_dict's {what} {shapes} does not fit this model "
                                  f"({ {k: tuple(v.shape) for k, v in fresh.items()} })")
-        self.rule_state = rule_state or self.rule_state
-        self.opt_state = update_state or self.opt_state
+        assert self.inner is not None
+        self.inner.rule_state = rule_state or self.inner.rule_state
+        self.inner.opt_state = update_state or self.inner.opt_state

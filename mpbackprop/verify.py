@@ -25,10 +25,13 @@ from .losses import resolve_loss
 from .network import CompiledNetwork, compile
 from .rules import Exact, FeedbackAlignment
 
-__all__ = ["verify", "TOLERANCES", "VerifyReport"]
+__all__ = ["verify", "TOLERANCES", "VerifyReport", "RULES", "DTYPES"]
 
 #: (max abs error, max relative error) accepted per dtype.
 TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-4)}
+#: The rules :func:`verify` has a reference for, and the dtypes it checks in (by name).
+RULES = ("exact", "fa")
+DTYPES = tuple(str(dtype).replace("torch.", "") for dtype in TOLERANCES)
 
 
 @dataclass
@@ -98,7 +101,7 @@ def verify(model: nn.Module, input_shape: tuple[int, ...], batch: int = 8, rule:
         th = theta.clone().requires_grad_(True)
         (ref,) = torch.autograd.grad(loss_fn(_fa_reference(net, th, state, x), y), th)
     else:
-        raise ValueError(f"verify checks rules 'exact' and 'fa', not {rule!r}")
+        raise ValueError(f"verify checks rules {' and '.join(map(repr, RULES))}, not {rule!r}")
     sig, _ = signals(net, x, y, backward_rule, loss_fn, theta, state)
     got = sig[:, 0]
     tol_abs, tol_rel = TOLERANCES.get(dtype, TOLERANCES[torch.float32])

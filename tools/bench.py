@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import mpbackprop as mp
 from mpbackprop import _json as strict_json
 from mpbackprop._io import replace_section
-from mpbackprop.engine import train_step
+from mpbackprop.inner_step import InnerStep
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, kernels, load_rule, rule_path
 
 class _SmallConvNet(nn.Module):
@@ -73,17 +73,14 @@ def _autograd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> Callab
 
 
 def _engine_step(net, rule, update, x, y, fused: str = "off") -> Callable[[], None]:
-    theta = net.values.clone()
-    rs = rule.init_state(net)
-    state = {"s": update.init_state(theta), "t": theta, "k": 0}
+    inner = InnerStep.start(net, net.values.clone(), rule, update, total_steps=1000)
 
     def run() -> None:
         kernels.set_mode(fused)
         try:
-            r = train_step(net, state["t"], x, y, rule, update, rs, state["s"], state["k"], total_steps=1000)
+            inner.step(x, y)
         finally:
             kernels.set_mode(None)
-        state["t"], state["s"], state["k"] = r.theta, r.state, state["k"] + 1
     return run
 
 

@@ -10,9 +10,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._json import dumps
+from ..errors import first_line
 from ..limits import MAX_META_SEED, SIZE_LIMITS
 
-__all__ = ["MetaConfig"]
+__all__ = ["MetaConfig", "CHOICES", "asked_settings", "default_run_dir"]
+
+#: The values of the fields that take one of a few names (the command line's choices come from here).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "estimator": ("tbptt", "es", "pes"),
+    "objective": ("mean", "final", "mixed"),
+    "features": ("compact", "full"),
+    "backward_init": ("backprop", "feedback"),
+    "update_init": ("adam", "scratch"),
+    "update_rule": ("scheduled", "learned"),
+}
 
 
 @dataclass
@@ -280,12 +291,12 @@ _AT_LEAST_1 = _integer(1)
 _POSITIVE = _number(lambda v: v > 0, "a finite number > 0")
 _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "family": (_family, lambda: "one of " + ", ".join(_families())),
-    "estimator": _choice("tbptt", "es", "pes"),
+    "estimator": _choice(*CHOICES["estimator"]),
     "outer_steps": _integer(0),
     "unroll": (_range, "a pair [lo, hi] of integers with 1 <= lo <= hi"),
     "truncation": _AT_LEAST_1,
     "tasks_per_step": _AT_LEAST_1,
-    "objective": _choice("mean", "final", "mixed"),
+    "objective": _choice(*CHOICES["objective"]),
     "final_weight": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "meta_lr": _POSITIVE,
     "scalar_lr_mult": _number(lambda v: 0 < v <= 100, "a number in (0, 100]"),
@@ -294,11 +305,11 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "hidden": _size("hidden"),
     "update_hidden": _size("hidden"),
     "update_layers": _size("layers"),
-    "features": _choice("compact", "full"),
+    "features": _choice(*CHOICES["features"]),
     "weight_input": (_flag, "true or false"),
-    "backward_init": _choice("backprop", "feedback"),
-    "update_init": _choice("adam", "scratch"),
-    "update_rule": _choice("scheduled", "learned"),
+    "backward_init": _choice(*CHOICES["backward_init"]),
+    "update_init": _choice(*CHOICES["update_init"]),
+    "update_rule": _choice(*CHOICES["update_rule"]),
     "correction": _number(lambda v: 0 <= v <= 10, "a number in [0, 10]"),
     "weight_decay": (_flag, "true or false"),
     "horizon_exponent": (_flag, "true or false"),
@@ -338,3 +349,26 @@ def _show(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def asked_settings(config_path: Path | None, flags: dict[str, Any],
+                   resume: bool) -> tuple[dict[str, Any], MetaConfig | None]:
+    """What a command line asks for: the ``config_path`` file's fields, then ``flags`` (given values only).
+
+    Returns ``(asked, cfg)``: ``asked`` the file's fields; ``cfg`` the checked configuration they and the
+    flags make, or ``None`` with ``resume`` (a resumed run checks what is asked against its own
+    ``config.json``: :class:`~mpbackprop.metatrain.MetaTrainer`). Raises ``ValueError`` with a one-line
+    message for a file that is not a valid config or a value that is refused.
+    """
+    try:
+        asked: dict[str, Any] = MetaConfig.fields_of(json.loads(Path(config_path).read_text())) if config_path else {}
+        base = None if resume else MetaConfig.from_json(asked)
+    except (ValueError, TypeError) as exc:  # JSON syntax, unknown keys, bad values
+        raise ValueError(f"{config_path}: not a valid meta-training config ({first_line(exc)})") from None
+    return asked, None if base is None else base.replace(**flags)
+
+
+def default_run_dir(cfg: MetaConfig | None, asked: dict[str, Any], flags: dict[str, Any]) -> Path:
+    """``runs/<family>-<estimator>-s<seed>`` of ``cfg``, else of the default recipe updated by what is asked."""
+    named = cfg.to_json() if cfg is not None else {**MetaConfig().to_json(), **asked, **flags}
+    return Path("runs") / f"{named['family']}-{named['estimator']}-s{named['seed']}"

@@ -32,7 +32,30 @@ from torch import Tensor
 
 from ..layers import Layer
 
-__all__ = ["BackwardRule", "UpdateRule", "NodeContext", "LayerContext", "UpdateContext"]
+__all__ = ["BackwardRule", "UpdateRule", "NodeContext", "LayerContext", "UpdateContext", "UpdateHistory"]
+
+
+@dataclass(frozen=True)
+class UpdateHistory:
+    """What the update rule offers the backward rule about the run so far, by name.
+
+    Each update rule fills it from its own state (:meth:`UpdateRule.history`), so that a backward
+    rule reads a statistic by its meaning rather than by a key that means different things in
+    different optimizers (``"v"`` is Adam's second moment but SGD-momentum's velocity).
+
+    Attributes
+    ----------
+    second_moment : Tensor or None
+        Exponential moving average of the squared gradient-like signal, flat ``(P,)`` (or one
+        layer's slice); ``None`` when the update rule keeps none (SGD, with or without momentum).
+    """
+
+    second_moment: Tensor | None = None
+
+    def slice(self, start: int, stop: int) -> "UpdateHistory":
+        """The statistics of parameters ``start:stop`` (one layer's weights)."""
+        v = self.second_moment
+        return UpdateHistory(None if v is None else v[start:stop])
 
 
 @dataclass
@@ -76,15 +99,16 @@ class LayerContext:
         The rule's per-network state (e.g. feedback weights), from :meth:`BackwardRule.init_state`.
     depth : float
         Block index / number of blocks.
-    history : dict
-        Per-parameter statistics the update rule keeps (may be empty), flat over this layer.
+    history : UpdateHistory
+        Statistics the update rule keeps (:class:`UpdateHistory`, fields ``None`` where it keeps
+        none), flat over this layer's weights, as they were before this step's update.
     """
 
     layer: Layer
     weight: Tensor
     rule_state: dict[str, Tensor]
     depth: float
-    history: dict[str, Tensor] = field(default_factory=dict)
+    history: UpdateHistory = field(default_factory=UpdateHistory)
 
 
 @dataclass
@@ -199,3 +223,7 @@ class UpdateRule(nn.Module):
     def step(self, ctx: UpdateContext) -> tuple[Tensor, dict[str, Tensor]]:
         """Return ``(new_theta, new_state)``; must not modify its inputs in place."""
         raise NotImplementedError
+
+    def history(self, state: dict[str, Tensor]) -> UpdateHistory:
+        """The named statistics of ``state`` offered to the backward rule (default: none)."""
+        return UpdateHistory()

@@ -40,7 +40,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..limits import SIZE_LIMITS  # the learned rules' size bounds (re-exported here)
-from .base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateRule
+from .base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateHistory, UpdateRule
 from .fa import feedback_weights
 
 __all__ = ["LearnedBackward", "LearnedUpdate", "mlp", "SIZE_LIMITS"]
@@ -167,8 +167,8 @@ class LearnedBackward(BackwardRule):
     features : {"compact", "full"}
         Inputs of the MLPs. ``compact``: coefficient ``C(w/rms w, B/rms B, depth, log fan-in)``,
         node ``N(M/r, tanh z, f'(z), depth)``. ``full`` (rules saved before this option) adds the
-        log RMS of the update rule's gradient history to the coefficient and ``tanh a`` to the
-        node.
+        log RMS of the update rule's second moment (:attr:`UpdateHistory.second_moment`; input 0
+        with an update that keeps none, as SGD) to the coefficient and ``tanh a`` to the node.
     """
 
     name = "learned"
@@ -208,8 +208,8 @@ class LearnedBackward(BackwardRule):
         fan_in = w.numel() / max(ctx.layer.weight.shape[0], 1)  # type: ignore[union-attr]
         dtype = self.alpha.dtype
         rows, cols, scale = [w, fb], [0, 1], [1 / rw, 1 / rb]  # inputs w/rms(w), B/rms(B)
-        hist = ctx.history.get("v") if self.features == "full" else None
-        if hist is not None:  # log RMS of the gradient history / 10 (without history that input is 0)
+        hist = ctx.history.second_moment if self.features == "full" else None
+        if hist is not None:  # log RMS of the gradient history / 10 (without one that input is 0)
             rows.append(torch.log(torch.sqrt(hist + 1e-30) + 1e-8))
             cols.append(4)
             scale.append(rw.new_tensor(0.1))
@@ -331,6 +331,9 @@ class LearnedUpdate(UpdateRule):
             return list(m.unbind(0)), {"m": m}
         moms = [torch.lerp(state[f"m{k}"], g, 1 - beta) for k, beta in enumerate(self.decays)]
         return moms, {f"m{k}": m for k, m in enumerate(moms)}
+
+    def history(self, state: dict[str, Tensor]) -> UpdateHistory:
+        return UpdateHistory(second_moment=state["v"])
 
     def step(self, ctx: UpdateContext) -> tuple[Tensor, dict[str, Tensor]]:
         signal = ctx.signal

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import UpdateContext, UpdateRule
+from .base import UpdateContext, UpdateHistory, UpdateRule
 
 __all__ = ["SGD", "Adam"]
 
@@ -72,6 +72,9 @@ class Adam(UpdateRule):
         m_hat = m / (1 - b1**t)
         v_hat = v / (1 - b2**t)
         return ctx.theta - self.lr * m_hat / (v_hat.sqrt() + self.eps), {"m": m, "v": v}
+
+    def history(self, state: dict[str, Tensor]) -> UpdateHistory:
+        return UpdateHistory(second_moment=state["v"])
 
     def __repr__(self) -> str:
         return f"Adam(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g})"

@@ -50,7 +50,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import kernels
-from .base import UpdateContext, UpdateRule
+from .base import UpdateContext, UpdateHistory, UpdateRule
 from .learned import _feature_mlp, _tanh, mlp
 
 __all__ = ["ScheduledUpdate", "cosine_schedule"]
@@ -162,6 +162,9 @@ class ScheduledUpdate(UpdateRule):
         logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=like.dtype)
         per_tensor = torch.exp(-self.width_exponent().to(like.dtype) * logs)
         return torch.repeat_interleave(per_tensor, torch.tensor(sizes), output_size=like.numel())
+
+    def history(self, state: dict[str, Tensor]) -> UpdateHistory:
+        return UpdateHistory(second_moment=state["v"])
 
     def step(self, ctx: UpdateContext) -> tuple[Tensor, dict[str, Tensor]]:
         if ctx.total_steps is None or ctx.total_steps < 1:
