@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import train_step
+from ..inner_step import InnerStep
 from ..rules import BackwardRule, UpdateRule
 from ..tasks import ON_FORGET, Task, TaskSpec
 
@@ -121,8 +121,9 @@ def unroll(rule: BackwardRule, update: UpdateRule, inner: InnerState, steps: int
     length (``total_steps = inner.horizon``).
     """
     task = get_task(inner.spec)
-    net = task.net
-    rule_state = rule.init_state(net)
+    run = InnerStep(task.net, inner.theta, rule, update, rule.init_state(task.net), inner.opt_state, inner.step,
+                    total_steps=inner.horizon, batches=lambda: task.batch(inner.gen), loss=task.loss,
+                    differentiable=differentiable)
     total = torch.zeros((), dtype=inner.theta.dtype)
     wsum = 0.0
     diverged = False
@@ -131,12 +132,9 @@ def unroll(rule: BackwardRule, update: UpdateRule, inner: InnerState, steps: int
     for _ in range(steps):
         if inner.done:
             break
-        x, y = task.batch(inner.gen)
-        r = train_step(net, inner.theta, x, y, rule, update, rule_state, inner.opt_state, inner.step,
-                       loss=task.loss, differentiable=differentiable, total_steps=inner.horizon)
-        inner.theta, inner.opt_state = r.theta, r.state
         w = step_weight(inner.step, inner.horizon, objective, final_weight)
-        inner.step += 1
+        run.step()
+        inner.theta, inner.opt_state, inner.step = run.theta, run.opt_state, run.steps
         done += 1
         if not w and inner.step % check_every and not inner.done:
             continue
