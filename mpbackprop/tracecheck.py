@@ -43,7 +43,9 @@ __all__ = ["MutationWatch", "check_autograd_semantics", "enclosing_autograd_func
 #: ``describe(node)`` → "what at where", e.g. "Tensor.detach in traced node 'detach' at model.py:12".
 Describe = Callable[[torch.fx.Node], str]
 
-_APPLY_CODE = torch.autograd.function.Function.__dict__["apply"].__func__.__code__
+#: The code of ``Function.apply`` where it is Python (torch 2.2); None where it is a C method (newer torch),
+#: which leaves no frame: there the ``forward``'s ``ctx`` names the class (below).
+_APPLY_CODE = getattr(getattr(torch.autograd.function.Function.__dict__["apply"], "__func__", None), "__code__", None)
 _KEEP_LAYER_FIXED = "to keep a layer fixed, set its parameters' requires_grad to False instead"
 _GRAD_STOPPING_METHODS = frozenset({"detach", "detach_", "requires_grad_"})
 _GRAD_STOPPING_ATTRS = frozenset({"data"})
@@ -57,9 +59,13 @@ def enclosing_autograd_function() -> type | None:
     """The ``torch.autograd.Function`` subclass whose ``apply`` is running up the call stack, if any."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _APPLY_CODE:
+        if _APPLY_CODE is not None and frame.f_code is _APPLY_CODE:
             cls = frame.f_locals.get("cls")
             return cls if isinstance(cls, type) else torch.autograd.Function
+        if frame.f_code.co_name == "forward":  # a Function's forward(ctx, ...): ctx's class knows the Function
+            owner = getattr(type(frame.f_locals.get("ctx")), "_forward_cls", None)
+            if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+                return owner
         frame = frame.f_back  # type: ignore[assignment]
     return None
 
