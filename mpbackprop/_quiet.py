@@ -68,7 +68,26 @@ def _import() -> bool:
     import dgl.ops  # noqa: F401,F811
 
     dgl.graphbolt = stand_in  # as an import would have bound it
+    _relink_object_base()
     return False
+
+
+def _relink_object_base() -> None:
+    """Give the second import's ``dgl._ffi.object_generic`` the object base class of DGL's C core.
+
+    The core (a C extension) registers its ``ObjectBase`` with ``object_generic`` once, when the
+    extension initialises; Python does not initialise an extension module twice, so after
+    :func:`_forget_dgl` the fresh ``object_generic`` would keep ``None`` and every DGL call that
+    converts objects (``dgl.save_graphs``, …) would fail.
+    """
+    generic = sys.modules.get("dgl._ffi.object_generic")
+    if generic is None or getattr(generic, "_CLASS_OBJECT_BASE", True) is not None:
+        return
+    for core in ("dgl._ffi._cy3.core", "dgl._ffi._ctypes.object"):
+        base = getattr(sys.modules.get(core), "ObjectBase", None)
+        if isinstance(base, type):
+            generic._set_class_object_base(base)
+            return
 
 
 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(

@@ -185,6 +185,10 @@ _TORCH_DIR = os.path.join(os.path.realpath(os.path.dirname(torch.__file__)), "")
 _PACKAGE_DIR = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
 
 
+#: Frames of the tracer's own methods that torch.fx calls while the model's line runs (callees, not callers).
+_TRACER_HOOKS = (" in _traced_inplace_operator", " in create_node", " in create_proxy")
+
+
 def _user_frame(tb_text: str) -> str:
     """Pick ``file:line`` of the innermost frame of the traced model's own code.
 
@@ -203,9 +207,9 @@ def _user_frame(tb_text: str) -> str:
             lineno = line.split('", line ')[1].split(",")[0]
         except IndexError:  # pragma: no cover - unusual traceback text
             continue
-        if line.endswith(" in _traced_inplace_operator"):
-            continue  # the tracer's own `h += g` hook, called from the model's line
         real = os.path.realpath(path)
+        if real.startswith(_PACKAGE_DIR) and line.endswith(_TRACER_HOOKS):
+            continue  # the tracer's own hooks, called from the model's line (newer torch lists create_node)
         if real.startswith(_PACKAGE_DIR):
             where = ""  # everything so far was the compiler's caller
         elif not real.startswith(_TORCH_DIR):
