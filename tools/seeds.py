@@ -22,7 +22,6 @@ long horizon of that family.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace

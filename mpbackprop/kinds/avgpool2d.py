@@ -10,9 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ShapeError
 from .base import BlockGrad, BlockInput, FixedKind, ForwardContext, LayerEdges
-from .windows import pair, window_map
+from .windows import pair, pooling_windows
 
 __all__ = ["AvgPool2d"]
 
@@ -44,25 +43,15 @@ class AvgPool2d(FixedKind):
                     _arg(node, 6, "divisor_override", None))
         kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = args
         ref = builder._ref(node, node.args[0])
-        if ceil_mode:
-            raise builder._refuse(node, "ceil_mode=True; use ceil_mode=False")
-        if len(ref.shape) != 3:
-            raise ShapeError(f"{builder.where(node)} expects input of shape (C, H, W), gets {ref.shape}")
-        kh, kw = pair(kernel)
-        sh, sw = pair(stride if stride not in (None, []) else kernel)
-        ph, pw = pair(padding)
-        c, h, w = ref.shape
-        cols = window_map(c, h, w, (kh, kw), (sh, sw), (ph, pw))  # (C, kh*kw, L)
-        _, rows_k, locs = cols.shape
-        ch, _, lc = torch.meshgrid(torch.arange(c), torch.arange(rows_k), torch.arange(locs), indexing="ij")
-        keep = cols > 0
+        (kh, kw), (sh, sw), (ph, pw), _, cols, keep, src, dst = pooling_windows(builder, node, ref, kernel, stride,
+                                                                               padding, ceil_mode)
         if divisor_override:
             div = torch.full(cols.shape, float(divisor_override), dtype=torch.float64)
         elif count_include_pad:
             div = torch.full(cols.shape, float(kh * kw), dtype=torch.float64)
         else:
             div = keep.sum(1, keepdim=True).to(torch.float64).expand(cols.shape)
-        edges = LayerEdges(src=(cols - 1)[keep], dst=(ch * locs + lc)[keep], coef=(1.0 / div)[keep])
+        edges = LayerEdges(src=src, dst=dst, coef=(1.0 / div)[keep])
         config = {
             "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw],
             "count_include_pad": bool(count_include_pad), "divisor_override": divisor_override or None,

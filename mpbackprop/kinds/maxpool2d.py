@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._quiet import ops
-from ..errors import ShapeError
 from .base import BlockGrad, BlockInput, FixedKind, ForwardContext, LayerEdges
-from .windows import pair, window_map
+from .windows import pair, pooling_windows
 
 __all__ = ["MaxPool2d"]
 
@@ -50,21 +49,10 @@ class MaxPool2d(FixedKind):
     def trace(self, builder: Any, node: Any, mod: Any) -> Any:
         kernel, stride, padding, dilation, ceil_mode, return_indices = _args(node, mod)
         ref = builder._ref(node, node.args[0])
-        if ceil_mode:
-            raise builder._refuse(node, "ceil_mode=True; use ceil_mode=False")
         if return_indices:
             raise builder._refuse(node, "return_indices=True; the indices are not a tensor of the network")
-        if len(ref.shape) != 3:
-            raise ShapeError(f"{builder.where(node)} expects input of shape (C, H, W), gets {ref.shape}")
-        k, d, p = pair(kernel), pair(dilation), pair(padding)
-        s = pair(stride if stride not in (None, []) else kernel)
-        c, h, w = ref.shape
-        cols = window_map(c, h, w, k, s, p, d)  # (C, kh*kw, L)
-        _, taps, locs = cols.shape
-        ch, _, lc = torch.meshgrid(torch.arange(c), torch.arange(taps), torch.arange(locs), indexing="ij")
-        keep = cols > 0
-        edges = LayerEdges(src=(cols - 1)[keep], dst=(ch * locs + lc)[keep],
-                           coef=torch.ones(int(keep.sum()), dtype=torch.float64))
+        k, s, p, d, _, keep, src, dst = pooling_windows(builder, node, ref, kernel, stride, padding, ceil_mode, dilation)
+        edges = LayerEdges(src=src, dst=dst, coef=torch.ones(int(keep.sum()), dtype=torch.float64))
         config = {"kernel": list(k), "stride": list(s), "padding": list(p), "dilation": list(d)}
         name = str(node.target) if node.op == "call_module" else node.name
         return builder._new_block(node, self.name, [ref], edges, config, name=name)

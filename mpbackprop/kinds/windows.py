@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pair", "unfold_hw", "window_map"]
+from ..errors import ShapeError
+
+__all__ = ["pair", "pooling_windows", "unfold_hw", "window_map"]
 
 
 def pair(v: Any) -> tuple[int, int]:
@@ -33,3 +35,24 @@ def window_map(c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[in
     input element the tap reads, 0 where it reads the padding."""
     idx = torch.arange(1, c * h * w + 1, dtype=torch.float64).reshape(c, 1, h, w)
     return F.unfold(idx, kernel, dilation=dilation, padding=padding, stride=stride).long()
+
+
+def pooling_windows(builder: Any, node: Any, ref: Any, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                    dilation: Any = 1) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int],
+                                                 Tensor, Tensor, Tensor, Tensor]:
+    """What the pooling kinds share when tracing: the refusals (``ceil_mode``, an input that is not a
+    ``(C, H, W)`` map), the window sizes and the window map. Returns ``(kernel, stride, padding,
+    dilation, cols, keep, src, dst)``: ``cols`` from :func:`window_map`, ``keep`` its taps that read the
+    input (not the padding), and for those the input (``src``) and output (``dst``) neuron indices."""
+    if ceil_mode:
+        raise builder._refuse(node, "ceil_mode=True; use ceil_mode=False")
+    if len(ref.shape) != 3:
+        raise ShapeError(f"{builder.where(node)} expects input of shape (C, H, W), gets {ref.shape}")
+    k, d, p = pair(kernel), pair(dilation), pair(padding)
+    s = pair(stride if stride not in (None, []) else kernel)
+    c, h, w = ref.shape
+    cols = window_map(c, h, w, k, s, p, d)  # (C, kh*kw, L)
+    _, taps, locs = cols.shape
+    ch, _, lc = torch.meshgrid(torch.arange(c), torch.arange(taps), torch.arange(locs), indexing="ij")
+    keep = cols > 0
+    return k, s, p, d, cols, keep, (cols - 1)[keep], (ch * locs + lc)[keep]
