@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from .base import BlockGrad, BlockInput, FixedKind, ForwardContext, LayerEdges
+from .windows import as_maps, from_maps
 
 __all__ = ["AdaptiveAvgPool2d"]
 
@@ -86,6 +87,6 @@ class AdaptiveAvgPool2d(FixedKind):
         c, h, w = layer.input_shapes[0]
         ho, wo = layer.config["output_size"]
         d = b.shape[1]
-        grad = b.view(c, ho, wo, d, batch).permute(3, 4, 0, 1, 2).reshape(d * batch, c, ho, wo)
+        grad = as_maps(b, (c, ho, wo), batch)
         m = torch.ops.aten._adaptive_avg_pool2d_backward(grad, b.new_zeros(()).expand(d * batch, c, h, w))
-        return BlockGrad(messages=m.reshape(d, batch, c * h * w).permute(2, 0, 1))
+        return BlockGrad(messages=from_maps(m, d, batch))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import BlockGrad, BlockInput, FixedKind, ForwardContext, LayerEdges
-from .windows import pair, pooling_windows
+from .windows import as_maps, from_maps, pair, pooling_windows
 
 __all__ = ["AvgPool2d"]
 
@@ -81,10 +81,9 @@ class AvgPool2d(FixedKind):
         layer, b, batch = inp.layer, inp.b, inp.batch
         cfg = layer.config
         c, h, w = layer.input_shapes[0]
-        _, h_out, w_out = layer.shape
         d = b.shape[1]
-        grad = b.view(c, h_out, w_out, d, batch).permute(3, 4, 0, 1, 2).reshape(d * batch, c, h_out, w_out)
+        grad = as_maps(b, layer.shape, batch)
         m = torch.ops.aten.avg_pool2d_backward(grad, b.new_zeros(()).expand(d * batch, c, h, w), cfg["kernel"],
                                                cfg["stride"], cfg["padding"], False, cfg["count_include_pad"],
                                                cfg["divisor_override"])
-        return BlockGrad(messages=m.reshape(d, batch, c * h * w).permute(2, 0, 1))
+        return BlockGrad(messages=from_maps(m, d, batch))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._quiet import ops
 from .base import BlockGrad, BlockInput, FixedKind, ForwardContext, LayerEdges
-from .windows import pair, pooling_windows
+from .windows import as_maps, from_maps, pair, pooling_windows
 
 __all__ = ["MaxPool2d"]
 
@@ -91,12 +91,11 @@ class MaxPool2d(FixedKind):
         layer, b, batch = inp.layer, inp.b, inp.batch
         cfg = layer.config
         c, h, w = layer.input_shapes[0]
-        _, h_out, w_out = layer.shape
         d = b.shape[1]
         idx = self._argmax(inp)
-        grad = b.view(c, h_out, w_out, d, batch).permute(3, 4, 0, 1, 2).reshape(d * batch, c, h_out, w_out)
+        grad = as_maps(b, layer.shape, batch)
         x = inp.a_src.t().reshape(batch, c, h, w)
         m = torch.ops.aten.max_pool2d_with_indices_backward(
             grad, x.repeat(d, 1, 1, 1), cfg["kernel"], cfg["stride"], cfg["padding"], cfg["dilation"], False,
             idx.repeat(d, 1, 1, 1))
-        return BlockGrad(messages=m.reshape(d, batch, c * h * w).permute(2, 0, 1))
+        return BlockGrad(messages=from_maps(m, d, batch))

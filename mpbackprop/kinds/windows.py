@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 
-__all__ = ["pair", "pooling_windows", "unfold_hw", "window_map"]
+__all__ = ["as_maps", "from_maps", "pair", "pooling_windows", "unfold_hw", "window_map"]
 
 
 def pair(v: Any) -> tuple[int, int]:
@@ -56,3 +56,16 @@ def pooling_windows(builder: Any, node: Any, ref: Any, kernel: Any, stride: Any,
     ch, _, lc = torch.meshgrid(torch.arange(c), torch.arange(taps), torch.arange(locs), indexing="ij")
     keep = cols > 0
     return k, s, p, d, cols, keep, (cols - 1)[keep], (ch * locs + lc)[keep]
+
+
+def as_maps(b: Tensor, shape: tuple[int, int, int], batch: int) -> Tensor:
+    """Per-neuron signals ``(C·H·W, d, B)`` of a ``shape = (C, H, W)`` block as ``(d·B, C, H, W)`` maps,
+    one per state channel and sample — the layout of torch's pooling backward kernels."""
+    c, h, w = shape
+    d = b.shape[1]
+    return b.view(c, h, w, d, batch).permute(3, 4, 0, 1, 2).reshape(d * batch, c, h, w)
+
+
+def from_maps(m: Tensor, d: int, batch: int) -> Tensor:
+    """The inverse of :func:`as_maps`: ``(d·B, C, H, W)`` maps as per-neuron ``(C·H·W, d, B)``."""
+    return m.reshape(d, batch, -1).permute(2, 0, 1)
