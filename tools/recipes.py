@@ -25,12 +25,12 @@ import torch
 
 from mpbackprop import _json
 from mpbackprop._io import atomic_write, replace_section
-from mpbackprop.metatrain import MetaConfig, meta_validate
 from mpbackprop.metatrain.loop import score_key
-from mpbackprop.rules import load_rule
 from mpbackprop.tasks import get_family
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import seeds  # noqa: E402  (common meta-validation scores, shared with the seeds report)
 START, END = "<!-- recipes:start -->", "<!-- recipes:end -->"
 
 
@@ -39,14 +39,9 @@ def _digest(path: Path) -> str:
 
 
 def score_run(run: Path, family: str, n_tasks: int) -> dict:
-    """Scores of ``run``'s ``best.pt`` on ``n_tasks`` validation tasks of ``family`` (seed 0)."""
-    cfg = MetaConfig.load_run(run / "config.json")
-    backward, update, meta = load_rule(run / "best.pt")
-    specs = get_family(family).tasks("valid", n_tasks, seed=0)
-    with torch.no_grad():
-        scores = meta_validate(backward, update, specs, cfg.eval_horizon, cfg.val_examples, (1, 10, 25))
-    return {"step": int(meta.get("step", -1)), "rule_sha256": _digest(run / "best.pt"),
-            **{k: float(v) for k, v in scores.items()}}
+    """Scores of ``run``'s ``best.pt`` on ``n_tasks`` validation tasks of ``family`` (seed 0), at T, 10T, 25T."""
+    scores, step = seeds.common_scores(run, n_tasks, family, (1, 10, 25))
+    return {"step": step, "rule_sha256": _digest(run / "best.pt"), **scores}
 
 
 def cached_score(previous: dict, run: Path, family: str, n_tasks: int) -> dict:

@@ -41,9 +41,11 @@ BASELINES = ("sgd", "momentum", "adam")
 BAR = 1.05
 
 
-def common_score(run: Path, n_tasks: int, family: str | None = None) -> tuple[float, int]:
-    """``(score of the run's best.pt on the common validation tasks, the step it was saved at)``: tasks of
-    ``family`` (default: the run's own family), validation split, seed 0."""
+def common_scores(run: Path, n_tasks: int, family: str | None = None,
+                  multiples: tuple[int, ...] | None = None) -> tuple[dict[str, float], int]:
+    """``(meta_validate's scores of the run's best.pt on the common validation tasks, the step it was saved
+    at)``: tasks of ``family`` (default: the run's own family), validation split, seed 0, trained for
+    ``multiples`` of T (default: the run's own ``eval_multiples``)."""
     from mpbackprop.metatrain import MetaConfig, meta_validate
     from mpbackprop.tasks import get_family
 
@@ -51,8 +53,15 @@ def common_score(run: Path, n_tasks: int, family: str | None = None) -> tuple[fl
     backward, update, meta = load_rule(run / "best.pt")
     specs = get_family(family or cfg.family).tasks("valid", n_tasks, seed=0)
     with torch.no_grad():
-        scores = meta_validate(backward, update, specs, cfg.eval_horizon, cfg.val_examples, cfg.eval_multiples)
-    return scores["score"], int(meta.get("step", -1))
+        scores = meta_validate(backward, update, specs, cfg.eval_horizon, cfg.val_examples,
+                               multiples or cfg.eval_multiples)
+    return {k: float(v) for k, v in scores.items()}, int(meta.get("step", -1))
+
+
+def common_score(run: Path, n_tasks: int, family: str | None = None) -> tuple[float, int]:
+    """``(score of the run's best.pt on the common validation tasks, the step it was saved at)``."""
+    scores, step = common_scores(run, n_tasks, family)
+    return scores["score"], step
 
 
 def _group(spec_name: str, steps: int, base: int) -> str:
