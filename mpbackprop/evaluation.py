@@ -263,10 +263,13 @@ def _steps_to_reach(curve: list[float], target: float) -> int | None:
     return None
 
 
-def suite_tasks(suite: str, family: str, n_tasks: int, steps: int, seed: int = 0) -> list[tuple[TaskSpec, int]]:
-    """``(task, horizon)`` pairs of an evaluation suite built from ``family``'s held-out tasks."""
+def suite_tasks(suite: str, family: str, n_tasks: int, steps: int, seed: int = 0,
+                split: str = "heldout") -> list[tuple[TaskSpec, int]]:
+    """``(task, horizon)`` pairs of an evaluation suite built from ``family``'s held-out tasks
+    (``split="valid"``: the same suite on meta-validation tasks, for choosing a recipe without
+    looking at held-out ones)."""
     fam = get_family(family)
-    base = fam.tasks("heldout", n_tasks, seed=seed)
+    base = fam.tasks(split, n_tasks, seed=seed)
     if suite == "heldout":
         return [(s, steps) for s in base]
     if suite == "wider":
@@ -282,9 +285,9 @@ def suite_tasks(suite: str, family: str, n_tasks: int, steps: int, seed: int = 0
     if suite == "horizon":
         return [(s, steps * f) for s in base for f in (2, 5)]
     if suite == "conv":
-        return [(s, steps) for s in FAMILIES["digits-conv"].tasks("heldout", n_tasks, seed=seed)]
+        return [(s, steps) for s in FAMILIES["digits-conv"].tasks(split, n_tasks, seed=seed)]
     if suite == "long":
-        specs = [s for name in LONG_FAMILIES for s in FAMILIES[name].tasks("heldout", n_tasks, seed=seed)]
+        specs = [s for name in LONG_FAMILIES for s in FAMILIES[name].tasks(split, n_tasks, seed=seed)]
         specs += [replace(s, widths=tuple(4 * w for w in s.widths)) for s in base]
         specs += [replace(s, widths=s.widths * 2) for s in base]
         return [(s, steps * k) for s in specs for k in LONG_MULTIPLES]

@@ -100,3 +100,22 @@ def test_recipes_table_caching_and_refusal(tmp_path, monkeypatch):
     lines = recipes.table(doc, ["augmented"])
     assert lines[2] == "| v1 | `run` (3) | -1.000 / -2.000 / -3.000 | -2.0000 |"
     assert lines[3] == "| v1 | mean over 1 seeds | | **-2.0000** |"  # empty T / 10T / 25T cell
+
+
+def test_probe_variants_and_validation_split(tmp_path, capsys):
+    from mpbackprop import evaluation as ev
+
+    probe = _load("probe")
+    name, (_, update) = probe.variant("big=default:log_lr_scale=0.7")
+    _, (_, base) = probe.variant("base=default")
+    assert name == "big"
+    assert abs(float(dict(update.named_parameters())["log_lr_scale"]) - 0.7) < 1e-6
+    assert abs(float(dict(base.named_parameters())["log_lr_scale"]) - 0.7) > 1e-3
+    valid = ev.suite_tasks("heldout", "digits-mlp", 2, 100, split="valid")
+    held = ev.suite_tasks("heldout", "digits-mlp", 2, 100)
+    assert {s.name for s, _ in valid}.isdisjoint({s.name for s, _ in held})
+    assert probe.main(["v=default", "--suites", "heldout", "--seeds", "2", "--tasks", "1", "--steps", "5",
+                       "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "probe.json").read_text())
+    assert set(doc["suites"]["heldout"]["v"]["methods"]) == {"learned", "adam"}
+    assert "heldout  v" in capsys.readouterr().out
