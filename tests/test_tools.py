@@ -103,6 +103,8 @@ def test_recipes_table_caching_and_refusal(tmp_path, monkeypatch):
 
 
 def test_probe_variants_and_validation_split(tmp_path, capsys):
+    import pytest
+
     from mpbackprop import evaluation as ev
 
     probe = _load("probe")
@@ -111,6 +113,11 @@ def test_probe_variants_and_validation_split(tmp_path, capsys):
     assert name == "big"
     assert abs(float(dict(update.named_parameters())["log_lr_scale"]) - 0.7) < 1e-6
     assert abs(float(dict(base.named_parameters())["log_lr_scale"]) - 0.7) > 1e-3
+    _, (_, wd) = probe.variant("wd=default:weight_decay=true,log_wd=-2.3")
+    assert wd.weight_decay and abs(float(wd.log_wd) + 2.3) < 1e-6
+    assert float(wd.log_lr_scale) == float(base.log_lr_scale)  # meta-parameters carried over
+    with pytest.raises(SystemExit, match="neither an option"):
+        probe.variant("x=default:nonsense=1")
     valid = ev.suite_tasks("heldout", "digits-mlp", 2, 100, split="valid")
     held = ev.suite_tasks("heldout", "digits-mlp", 2, 100)
     assert {s.name for s, _ in valid}.isdisjoint({s.name for s, _ in held})

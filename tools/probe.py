@@ -4,7 +4,7 @@
         [--seeds 4] [--tasks 2] [--long-seeds 3] [--long-tasks 1] [--out results/probe]
 
 Each variant is a rule file (or ``default``) whose update's attributes are overridden, e.g.
-``big=default:log_lr_scale=0.7`` (the scheduled update's ``a``) or ``rel=default:relative=1`` (a
+``big=default:log_lr_scale=0.7`` (the scheduled update's ``a``) or ``wd=default:weight_decay=true,log_wd=-2.3`` (a
 config option of :class:`~mpbackprop.rules.ScheduledUpdate`; options rebuild the update with the file's
 meta-parameters). The suites are :func:`mpbackprop.evaluation.suite_tasks` built from the
 **validation** split (``split="valid"``): the same shapes and horizons as the held-out report (at T;
@@ -41,23 +41,23 @@ def variant(text: str) -> tuple[str, tuple]:
     name, _, rest = text.partition("=")
     source, _, over = rest.partition(":")
     backward, update = ev.resolve_rule(source or "default")[:2]
-    params = {k: v for k, v in update.named_parameters()} | {k: v for k, v in update.named_buffers()}
-    options = {}
-    for item in filter(None, over.split(",")):
-        key, _, value = item.partition("=")
-        if key in params:
-            with torch.no_grad():
-                params[key].fill_(float(value))
-        else:
-            options[key] = json_value(value)
+    items = dict(item.partition("=")[::2] for item in filter(None, over.split(",")))
+    options = {k: json_value(v) for k, v in items.items() if k in update.config()}
     if options:
-        config = {**update.config(), **options}
-        rebuilt = make_update(update.name, **config)
-        state = update.state_dict()
-        missing = rebuilt.load_state_dict(state, strict=False)
+        rebuilt = make_update(update.name, **{**update.config(), **options})
+        missing = rebuilt.load_state_dict(update.state_dict(), strict=False)
         if missing.unexpected_keys:
             raise SystemExit(f"{text}: the rebuilt update has no {missing.unexpected_keys}")
         update = rebuilt
+    params = dict(update.named_parameters()) | dict(update.named_buffers())
+    for key, value in items.items():
+        if key in options:
+            continue
+        if key not in params:
+            raise SystemExit(f"{text}: {key!r} is neither an option ({sorted(update.config())}) "
+                             f"nor a meta-parameter ({sorted(params)}) of the update")
+        with torch.no_grad():
+            params[key].fill_(float(value))
     return name, (backward, update)
 
 
