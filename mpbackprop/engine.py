@@ -92,23 +92,26 @@ def layer_context(net: CompiledNetwork, k: int, theta: Tensor, rule_state: dict[
 
 
 def forward_and_seed(
-    net: CompiledNetwork, theta: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn, differentiable: bool = False
+    net: CompiledNetwork, theta: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn, differentiable: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[ForwardRecord, Tensor, Tensor]:
     """Forward pass and the loss gradient at the output activations.
 
     Returns ``(record, loss, dloss_da)`` where ``dloss_da`` is ``(B, N_out)`` per-sample
     ``∂ℓ/∂a_out``. Only the loss head is differentiated by autograd; with
     ``differentiable=True`` everything stays on the autograd graph (for meta-gradients).
+    ``generator`` is passed to the forward (a training-mode forward: dropout masks are drawn from it and
+    recorded in ``record.aux``); ``None`` draws nothing (dropout is the identity).
     """
     batch = x.shape[0]
     if differentiable and theta.requires_grad:  # else the seed does not depend on meta-parameters
-        record = net.forward(x, theta, record=True)
+        record = net.forward(x, theta, record=True, generator=generator)
         a_out = record.a[net.output_layer]
         loss = loss_fn(record.output, y)
         (grad,) = torch.autograd.grad(loss, a_out, create_graph=True)
         return record, loss, grad * batch
     with torch.no_grad():
-        record = net.forward(x, theta.detach(), record=True)
+        record = net.forward(x, theta.detach(), record=True, generator=generator)
     a_out = record.a[net.output_layer].detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(a_out.view(batch, *net.output_shape), y)
@@ -271,6 +274,7 @@ def train_step(
     fused: bool = True,
     total_steps: int | None = None,
     keep_backward: bool = False,
+    generator: torch.Generator | None = None,
 ) -> StepResult:
     """One training step of ``net`` with a backward rule and an update rule (functional).
 
@@ -282,9 +286,11 @@ def train_step(
     stated length of the run, passed on to the update rule (rules with a schedule need it). The backward
     rule sees the update's :meth:`~mpbackprop.rules.UpdateRule.history` of ``opt_state`` (before this
     step's update). ``keep_backward=True`` returns the pass's :class:`BackwardResult` in ``backward``.
+    ``generator`` draws the step's dropout masks (:func:`forward_and_seed`; the backward uses the recorded
+    masks); ``None`` draws none, and a network without dropout never touches it.
     """
     loss_fn = resolve_loss(loss)
-    record, value, dl = forward_and_seed(net, theta, x, y, loss_fn, differentiable)
+    record, value, dl = forward_and_seed(net, theta, x, y, loss_fn, differentiable, generator)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
     with grad_ctx:
         result = backward(net, record, dl, rule, rule_state, theta, update.history(opt_state), fused=fused)

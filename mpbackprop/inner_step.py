@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from .engine import StepResult, train_step
@@ -62,6 +63,9 @@ class InnerStep:
         Keep the new parameters on the autograd graph of the rules' meta-parameters.
     fused : bool
         Let the engine use its dense fast paths (``False``: DGL message passing everywhere).
+    generator : torch.Generator, optional
+        Draws every step's dropout masks (advanced in place, step after step); ``None``: no masks, dropout
+        is the identity. A network without dropout never touches it.
     """
 
     net: CompiledNetwork
@@ -76,15 +80,17 @@ class InnerStep:
     loss: str | LossFn = "cross_entropy"
     differentiable: bool = False
     fused: bool = True
+    generator: torch.Generator | None = None
 
     @classmethod
     def start(cls, net: CompiledNetwork, theta: Tensor, rule: BackwardRule, update: UpdateRule, *,
               total_steps: int | None = None, batches: Batches | None = None, loss: str | LossFn = "cross_entropy",
-              differentiable: bool = False, fused: bool = True) -> "InnerStep":
+              differentiable: bool = False, fused: bool = True,
+              generator: torch.Generator | None = None) -> "InnerStep":
         """A run at step 0 from ``theta``: fresh rule state (first) and update state (second)."""
         rule_state = rule.init_state(net)
         return cls(net, theta, rule, update, rule_state, update.init_state(theta), 0, total_steps, batches, loss,
-                   differentiable, fused)
+                   differentiable, fused, generator)
 
     @property
     def history(self) -> UpdateHistory:
@@ -108,7 +114,8 @@ class InnerStep:
             x, y = self.next_batch()
         result = train_step(self.net, self.theta, x, y, self.rule, self.update, self.rule_state, self.opt_state,
                             self.steps, loss=self.loss if loss is None else loss, differentiable=self.differentiable,
-                            trace=trace, fused=self.fused, total_steps=self.total_steps, keep_backward=keep_backward)
+                            trace=trace, fused=self.fused, total_steps=self.total_steps, keep_backward=keep_backward,
+                            generator=self.generator)
         self.theta, self.opt_state = result.theta, result.state
         self.steps += 1
         return result

@@ -60,15 +60,28 @@ class Trainer:
         ``step`` (as ``LambdaLR``'s ``lr_lambda`` multiplies a learning rate): it composes with any update,
         learned ones included, and leaves the update's state (moments) as the update made it. Not part
         of :meth:`state_dict` (a function, as ``LambdaLR``'s is not); the step count it reads is.
+    seed : int, optional
+        Seeds the dropout masks of training. When the compiled network has a ``Dropout`` block the trainer
+        owns a ``torch.Generator`` (on the batch's device), made at the first step and seeded with ``seed``,
+        which draws every step's masks (as ``F.dropout`` draws them, so a model trained by ``torch.optim``
+        after ``torch.manual_seed(seed)`` sees the same masks when nothing else draws random numbers); its
+        state is part of :meth:`state_dict`. ``seed=None`` takes the generator's seed from the global RNG
+        at the first step (one draw, so ``torch.manual_seed`` beforehand makes the run reproducible, and two
+        trainers made one after the other draw different masks). Without ``Dropout`` the seed is unused and
+        nothing is drawn. Evaluating the compiled network (``net(x)``, no generator) draws no masks.
     """
 
     def __init__(self, model: nn.Module, rule: str | os.PathLike | BackwardRule = "exact",
                  update: str | UpdateRule | None = None, loss: str | LossFn = "cross_entropy",
-                 total_steps: int | None = None, schedule: Callable[[int], float] | None = None) -> None:
+                 total_steps: int | None = None, schedule: Callable[[int], float] | None = None,
+                 seed: int | None = None) -> None:
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if seed is not None and (isinstance(seed, bool) or int(seed) != seed):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.model = model
+        self.seed = None if seed is None else int(seed)
         self.total_steps = None if total_steps is None else int(total_steps)
         saved_update: UpdateRule | None = None
         if isinstance(rule, BackwardRule):
@@ -87,7 +100,7 @@ class Trainer:
         self.inner: InnerStep | None = None  # the run, from the first step on
         self._steps = 0  # the step count before the first step (a loaded state_dict's)
         self.schedule = schedule
-        self._pending: dict[str, dict[str, Tensor]] | None = None  # loaded state waiting for the first step
+        self._pending: dict[str, Any] | None = None  # loaded state waiting for the first step
 
     # the run's parts (None / empty before the first step)
     @property
@@ -107,6 +120,11 @@ class Trainer:
         return {} if self.inner is None else self.inner.opt_state
 
     @property
+    def generator(self) -> torch.Generator | None:
+        """The generator of the dropout masks (``None``: before the first step, or no ``Dropout``)."""
+        return None if self.inner is None else self.inner.generator
+
+    @property
     def steps(self) -> int:
         return self._steps if self.inner is None else self.inner.steps
 
@@ -122,11 +140,20 @@ class Trainer:
         theta = net.read_from(self.model).clone()
         for p in net.tensors:  # module parameters become views of theta
             self.model.get_parameter(p.path).data = theta[p.offset:p.stop].view(p.shape)
-        self.inner = InnerStep.start(net, theta, self.rule, self.update, total_steps=self.total_steps, loss=self.loss)
+        generator = None
+        if any(layer.kind == "dropout" for layer in net.layers):
+            generator = torch.Generator(device=x.device)
+            if self._pending is None or self._pending["generator"] is None:  # else the loaded state replaces it
+                seed = self.seed
+                if seed is None:  # one draw from the global RNG
+                    seed = int(torch.empty((), dtype=torch.int64).random_())
+                generator.manual_seed(seed)
+        self.inner = InnerStep.start(net, theta, self.rule, self.update, total_steps=self.total_steps, loss=self.loss,
+                                     generator=generator)
         self.inner.steps = self._steps
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._restore(pending["rule_state"], pending["update_state"])
+            self._restore(pending["rule_state"], pending["update_state"], pending["generator"])
 
     def _sync_frozen(self) -> None:
         """Mark the network's tensors frozen exactly where the module's ``requires_grad`` is False."""
@@ -173,7 +200,8 @@ class Trainer:
         ``steps`` and ``total_steps``; ``rule`` and ``update`` — name, configuration and learned weights
         of each rule (the analogue of an optimizer's ``param_groups``); ``rule_state`` — the backward
         rule's per-network state (feedback matrices; empty for exact backprop); ``update_state`` — the
-        update's moments. The two states are empty before the first step. Tensors are copies; the dict
+        update's moments; ``generator`` — the state (``get_state()``) of the dropout masks' generator, ``None``
+        without ``Dropout``. The states are empty, and ``generator`` ``None``, before the first step. Tensors are copies; the dict
         holds only tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
         """
         def rule_entry(r: nn.Module) -> dict[str, Any]:
@@ -182,18 +210,23 @@ class Trainer:
 
         if self._pending is not None:  # loaded, not yet bound: hand back what was loaded
             rule_state, update_state = self._pending["rule_state"], self._pending["update_state"]
+            generator = self._pending["generator"]
         else:
             rule_state, update_state = self.rule_state, self.opt_state
+            generator = None if self.generator is None else self.generator.get_state()
         return {"steps": self.steps, "total_steps": self.total_steps,
                 "rule": rule_entry(self.rule), "update": rule_entry(self.update),
                 "rule_state": {k: v.detach().clone() for k, v in rule_state.items()},
-                "update_state": {k: v.detach().clone() for k, v in update_state.items()}}
+                "update_state": {k: v.detach().clone() for k, v in update_state.items()},
+                "generator": None if generator is None else generator.clone()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (load the model's ``state_dict()`` too: the parameters
         live there). The rules must be the same kind with the same configuration; their learned weights,
         the step count, ``total_steps`` and the states are taken from ``state_dict``. Raises
-        ``ValueError`` naming what does not match."""
+        ``ValueError`` naming what does not match. The dropout generator's state is restored too (a
+        ``state_dict`` without one — saved before the first step, or by an older version — keeps this
+        trainer's own generator)."""
         missing = {"steps", "total_steps", "rule", "update", "rule_state", "update_state"} - set(state_dict)
         if missing:
             raise ValueError(f"not a Trainer state_dict: missing {', '.join(sorted(missing))}")
@@ -205,19 +238,26 @@ class Trainer:
         steps, total = state_dict["steps"], state_dict["total_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        generator = state_dict.get("generator")
+        if generator is not None:
+            if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
+                raise ValueError(f"the state_dict's generator must be a uint8 tensor (Generator.get_state()) or "
+                                 f"None, got {type(generator).__name__}")
+            generator = generator.clone()
         for key, rule in (("rule", self.rule), ("update", self.update)):
             rule.load_state_dict(state_dict[key]["weights"])
         self.steps, self.total_steps = steps, total
         rule_state = {k: v.detach().clone() for k, v in state_dict["rule_state"].items()}
         update_state = {k: v.detach().clone() for k, v in state_dict["update_state"].items()}
         if self.net is None:
-            self._pending = {"rule_state": rule_state, "update_state": update_state}
+            self._pending = {"rule_state": rule_state, "update_state": update_state, "generator": generator}
         else:
-            self._restore(rule_state, update_state)
+            self._restore(rule_state, update_state, generator)
 
-    def _restore(self, rule_state: dict[str, Tensor], update_state: dict[str, Tensor]) -> None:
+    def _restore(self, rule_state: dict[str, Tensor], update_state: dict[str, Tensor],
+                 generator: Tensor | None = None) -> None:
         """Put saved states in place of the fresh ones, which fix the keys and shapes they must have
-        (empty saved states — saved before any step — keep the fresh ones)."""
+        (empty saved states — saved before any step — keep the fresh ones; so does a ``None`` generator)."""
         for what, saved, fresh in (("rule_state", rule_state, self.rule_state),
                                    ("update_state", update_state, self.opt_state)):
             if not saved:
@@ -227,5 +267,10 @@ class Trainer:
                 raise ValueError(f"the state_dict's {what} {shapes} does not fit this model "
                                  f"({ {k: tuple(v.shape) for k, v in fresh.items()} })")
         assert self.inner is not None
+        if generator is not None and self.inner.generator is None:
+            raise ValueError("the state_dict's generator (dropout masks) does not fit this model: it has no Dropout")
+        if generator is not None:
+            assert self.inner.generator is not None
+            self.inner.generator.set_state(generator)
         self.inner.rule_state = rule_state or self.inner.rule_state
         self.inner.opt_state = update_state or self.inner.opt_state

@@ -199,3 +199,65 @@ def test_loaded_rule_state_replaces_the_fresh_one(bound: bool) -> None:
     for key, value in sd["rule_state"].items():
         assert torch.equal(other.rule_state[key], value)
     assert not torch.equal(other.rule_state[key], trainer.rule_state[key])
+
+
+# ------------------------------------------------------------------------- dropout masks (Trainer(seed=))
+def _dropout_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Dropout(0.3), nn.Linear(10, 3)).double()
+
+
+@pytest.mark.parametrize("when", ["before the first step", "after a step"])
+@pytest.mark.parametrize("update", ["sgd", "adam"])
+def test_resumed_run_draws_the_same_dropout_masks(update: str, when: str, tmp_path: Path) -> None:
+    """3 steps, checkpoint (the generator's state with it), 3 more in a fresh trainer == 6 uninterrupted."""
+    make = (lambda: SGD(lr=0.1, momentum=0.9)) if update == "sgd" else (lambda: Adam(lr=1e-2))
+    batches = [(x.double(), y) for x, y in _batches()[:6]]
+    whole = _dropout_model(0)
+    trainer = mp.Trainer(whole, rule="exact", update=make(), seed=7)
+    for x, y in batches:
+        trainer.step(x, y)
+
+    first = _dropout_model(0)
+    trainer = mp.Trainer(first, rule="exact", update=make(), seed=7)
+    for x, y in batches[:3]:
+        trainer.step(x, y)
+    sd = trainer.state_dict()
+    assert sd["generator"] is not None and torch.equal(sd["generator"], trainer.generator.get_state())
+    torch.save({"model": first.state_dict(), "trainer": sd}, tmp_path / "ckpt.pt")
+    del first, trainer
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    second = _dropout_model(1)
+    resumed = mp.Trainer(second, rule="exact", update=make(), seed=123)  # the seed comes from the checkpoint
+    if when == "after a step":
+        resumed.step(*batches[-1])  # moves its own generator on: the checkpoint's state must replace it
+    second.load_state_dict(ckpt["model"])
+    resumed.load_state_dict(ckpt["trainer"])
+    if when == "before the first step":  # not bound yet: the loaded state is handed back as it came
+        assert torch.equal(resumed.state_dict()["generator"], ckpt["trainer"]["generator"])
+    for x, y in batches[3:]:
+        resumed.step(x, y)
+    for a, b in zip(_params(whole), _params(second)):
+        assert torch.equal(a, b)
+
+    # teeth: the same resume without the generator's state (a fresh seed-7 generator) is another run
+    third = _dropout_model(1)
+    other = mp.Trainer(third, rule="exact", update=make(), seed=7)
+    third.load_state_dict(ckpt["model"])
+    other.load_state_dict({**ckpt["trainer"], "generator": None})
+    for x, y in batches[3:]:
+        other.step(x, y)
+    assert not all(torch.equal(a, b) for a, b in zip(_params(whole), _params(third)))
+
+
+def test_generator_state_does_not_fit_a_model_without_dropout() -> None:
+    trainer = mp.Trainer(_dropout_model(0), rule="exact", update=SGD(lr=0.1), seed=0)
+    trainer.step(_batches()[0][0].double(), _batches()[0][1])
+    sd = trainer.state_dict()
+    plain = mp.Trainer(_model(0).double(), rule="exact", update=SGD(lr=0.1))
+    plain.step(_batches()[0][0].double(), _batches()[0][1])
+    with pytest.raises(ValueError, match="no Dropout"):
+        plain.load_state_dict({**sd, "update_state": {}})
+    with pytest.raises(ValueError, match="uint8"):
+        trainer.load_state_dict({**sd, "generator": [1, 2]})

@@ -1,14 +1,19 @@
 """``Dropout``: identity edges whose coefficient is the sample's mask ``m/(1−p)`` (a per-sample coefficient on
 a fixed edge, as MaxPool's gates).
 
-The mask is drawn only when the forward pass is given a generator (``net.forward(x, generator=g)``: a
-seeded training-mode forward; the mask is recorded with the forward and the backward sends
-``m_{i,s}/(1−p)·b_{i,s}`` on edge ``i → i``). Without one — evaluation, and the engine's own steps
-(``train_step``, ``Trainer``), which draw no masks yet — the block is the identity, as the module in
-``eval()`` mode; compiling checks it against the module in that mode. The mask is drawn as
-``F.dropout`` draws it (``bernoulli_(1−p)`` on a tensor of the input's shape, then divided by ``1−p``),
-so a generator seeded like the global RNG reproduces the module's own mask. Rules do not choose the
-mask: a learned rule sees, at these neurons, ``b = R.node(M, …)``.
+The mask is drawn only when the forward pass is given a generator: a seeded training-mode forward, whose
+mask is recorded with the forward (``ForwardRecord.aux``) and used by the backward, which sends
+``m_{i,s}/(1−p)·b_{i,s}`` on edge ``i → i``. Training draws one: ``Trainer(model, ..., seed=s)`` owns a
+generator seeded with ``s`` (checkpointed in its ``state_dict``), ``InnerStep(..., generator=g)`` and
+``train_step(..., generator=g)`` pass theirs to every step, ``net.forward(x, generator=g)`` draws directly.
+Without one — evaluation (validation losses), and ``train_step``/``InnerStep`` left at
+``generator=None`` — the block is the identity, as the module in ``eval()`` mode; compiling checks it
+against the module in that mode. The mask is drawn as ``F.dropout`` draws it (``bernoulli_(1−p)`` on a
+tensor of the input's shape, then divided by ``1−p``), so a generator seeded like the global RNG
+reproduces the module's own mask (``Trainer(seed=s)`` trains as ``torch.manual_seed(s)`` + ``torch.optim``
+when nothing else draws random numbers). Rules do not choose the mask and are not given it: a learned
+rule sees, at these neurons, the masked ``z = a = x·m/(1−p)`` and ``b = R.node(M, …)``, and at the
+neurons before the block the masked messages ``M = m/(1−p)·b``.
 """
 
 from __future__ import annotations
