@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .device import check_kernels, resolve
 from .inner_step import InnerStep
 from .losses import LossFn, resolve_loss
 from .network import CompiledNetwork, compile
@@ -60,14 +61,21 @@ class Trainer:
         ``step`` (as ``LambdaLR``'s ``lr_lambda`` multiplies a learning rate): it composes with any update,
         learned ones included, and leaves the update's state (moments) as the update made it. Not part
         of :meth:`state_dict` (a function, as ``LambdaLR``'s is not); the step count it reads is.
+    device : str or torch.device
+        Where the run's tensors live: ``"cpu"`` (default) or ``"cuda"`` (``"cuda:N"``). The module is
+        compiled on the CPU at the first step, then its parameters and buffers, the rules' parameters
+        and states move there; batches are moved there at each step. The DGL reference path runs on the
+        CPU only: a network and rule that need it on CUDA are refused (:mod:`mpbackprop.device`).
     """
 
     def __init__(self, model: nn.Module, rule: str | os.PathLike | BackwardRule = "exact",
                  update: str | UpdateRule | None = None, loss: str | LossFn = "cross_entropy",
-                 total_steps: int | None = None, schedule: Callable[[int], float] | None = None) -> None:
+                 total_steps: int | None = None, schedule: Callable[[int], float] | None = None,
+                 device: str | torch.device = "cpu") -> None:
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.device = resolve(device)
         self.model = model
         self.total_steps = None if total_steps is None else int(total_steps)
         saved_update: UpdateRule | None = None
@@ -120,6 +128,12 @@ class Trainer:
     def _bind(self, x: Tensor) -> None:
         net = compile(self.model, x)
         theta = net.read_from(self.model).clone()
+        check_kernels(net, self.rule, self.device, theta=theta)  # before anything moves
+        if self.device.type != "cpu":
+            theta = theta.to(self.device)
+            self.model.to(self.device)  # buffers; the parameters become views of theta below
+            self.rule.to(self.device)
+            self.update.to(self.device)
         for p in net.tensors:  # module parameters become views of theta
             self.model.get_parameter(p.path).data = theta[p.offset:p.stop].view(p.shape)
         self.inner = InnerStep.start(net, theta, self.rule, self.update, total_steps=self.total_steps, loss=self.loss)
@@ -227,5 +241,6 @@ class Trainer:
                 raise ValueError(f"the state_dict's {what} {shapes} does not fit this model "
                                  f"({ {k: tuple(v.shape) for k, v in fresh.items()} })")
         assert self.inner is not None
-        self.inner.rule_state = rule_state or self.inner.rule_state
-        self.inner.opt_state = update_state or self.inner.opt_state
+        dev = self.inner.theta.device
+        self.inner.rule_state = {k: v.to(dev) for k, v in rule_state.items()} or self.inner.rule_state
+        self.inner.opt_state = {k: v.to(dev) for k, v in update_state.items()} or self.inner.opt_state
