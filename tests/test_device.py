@@ -10,8 +10,10 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import mpbackprop as mp
+from mpbackprop.cli import main
 from mpbackprop.device import DEVICES, DeviceError, check_kernels, reference_blocks, resolve
 from mpbackprop.inner_step import InnerStep
 from mpbackprop.metatrain.config import MetaConfig
@@ -166,3 +168,34 @@ def test_cuda_trainer_matches_cpu_in_float64(rule: str, update: str | None, tota
         runs.append((losses, trainer.theta.detach().cpu()))
     assert runs[1][0] == pytest.approx(runs[0][0], abs=1e-10)
     assert torch.allclose(runs[1][1], runs[0][1], rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------ command line
+@pytest.mark.parametrize("cmd", [["evaluate", "default"], ["analyze", "default"], ["meta-train"]])
+def test_cli_device(cmd: list[str], tmp_path, no_cuda: None) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(main, [*cmd, "--device", "gpu"])
+    assert bad.exit_code == 2 and "--device" in bad.output and "Traceback" not in bad.output
+    res = runner.invoke(main, [*cmd, "--device", "cuda", *(["--out", str(tmp_path / "r")] if cmd == ["meta-train"]
+                                                            else [])])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
+    assert lines == [f"Error: {NO_CUDA}"], res.output
+    assert "Traceback" not in res.output
+
+
+def test_bench_device(no_cuda: None, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_for_device_test", path)
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    for bad in ("cuda", "gpu"):
+        with pytest.raises(SystemExit) as info:
+            bench.main(["--quick", "--device", bad])
+        assert info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    case = bench.bench_case("mlp-4-4-10", 4, 1, fused="off", device="cpu")
+    assert set(case["ms_per_step"]) >= {"exact", "fa", "learned"}
