@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .device import check_kernels
+from .device import resolve as resolve_device
 from .engine import layer_context
 from .inner_step import InnerStep
 from .kinds import Coefficients
@@ -85,7 +87,7 @@ def _messages(net: CompiledNetwork, layer: Any, b: Tensor, coef: Tensor) -> Tens
     dst = view.fwd.edges()[1]  # post-neuron of each use (block-local)
     bj = b[dst]  # (E, d, B)
     m = Coefficients.of(coef).channel0(view.param, bj)  # type: ignore[union-attr]
-    return m.abs().mean(-1)
+    return m.abs().mean(-1).cpu()
 
 
 def analyze(net: CompiledNetwork, theta: Tensor, batches: Any, evaluate: Any, backward_rule: BackwardRule,
@@ -104,10 +106,11 @@ def analyze(net: CompiledNetwork, theta: Tensor, batches: Any, evaluate: Any, ba
     run = InnerStep.start(net, theta, backward_rule, update, total_steps=steps, batches=batches, loss=loss_fn)
     adam = Adam(adam_lr)
     adam_state = adam.init_state(theta)
-    segments = net.graph.nodes["param"].data["tensor"]
+    segments = net.graph.nodes["param"].data["tensor"].to(theta.device)
     result = Analysis(name, steps, series, [])
     for step in range(steps):
         x, y = run.next_batch()
+        x, y = x.to(run.theta.device), y.to(run.theta.device)  # no copy on the CPU
         theta, history = run.theta, run.history  # before this step's update
         with torch.enable_grad():  # the true gradient, by autograd on the same batch
             th = theta.detach().clone().requires_grad_(True)
@@ -229,10 +232,11 @@ def _summary_md(analyses: list[Analysis], title: str) -> str:
 
 
 def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, message_step: int | None = None,
-           adam_lr: float | None = None) -> dict[str, Any]:
+           adam_lr: float | None = None, device: str = "cpu") -> dict[str, Any]:
     """Analyse ``rule`` (a rule file/directory/``default``, or ``exact``/``fa``) and feedback
     alignment on task ``spec``; write JSON, PNGs and a markdown summary to ``out``. ``message_step``
-    (0-based; default the last step) is the step whose messages are drawn."""
+    (0-based; default the last step) is the step whose messages are drawn. The runs are on ``device``
+    (:mod:`mpbackprop.device`; a rule needing the DGL reference path is refused before any run there)."""
     from dataclasses import replace
 
     from .evaluation import resolve_rule, run_method, tune_lr
@@ -252,16 +256,20 @@ def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, messag
         rules = {f"learned ({path.name})": (backward, update)}
     run_spec = replace(spec, init_seed=spec.init_seed + seed)
     task = get_task(run_spec)
+    dev = resolve_device(device)
+    fa_adam = (FeedbackAlignment(seed=seed), Adam(adam_lr if adam_lr is not None else 1e-2))
+    for backward, _ in [*rules.values(), fa_adam]:  # refused before anything runs
+        check_kernels(task.net, backward, dev)
     if adam_lr is None:
-        adam_lr = tune_lr(spec, "adam", steps, tuning_seeds=1)["lr"]
-    rules["fa + adam"] = (FeedbackAlignment(seed=seed), Adam(adam_lr))
+        adam_lr = tune_lr(spec, "adam", steps, tuning_seeds=1, device=dev)["lr"]
+    rules["fa + adam"] = (fa_adam[0], Adam(adam_lr))
     analyses = []
     for name, (backward, update) in rules.items():
         gen = task.batch_generator(seed)  # the same batches as evaluate's runs of this seed
-        an = analyze(task.net, task.theta0.clone(), lambda: task.batch(gen), lambda th: task.evaluate(th)[0],
-                     backward, update, steps, task.loss, adam_lr, (message_step,), name)
+        an = analyze(task.net, task.theta0.clone().to(dev), lambda: task.batch(gen), lambda th: task.evaluate(th)[0],
+                     backward.to(dev), update.to(dev), steps, task.loss, adam_lr, (message_step,), name)
         analyses.append(an)
-    adam_run = run_method(spec, "adam", steps, seed, lr=adam_lr)
+    adam_run = run_method(spec, "adam", steps, seed, lr=adam_lr, device=dev)
     adam_curve = adam_run.loss
     doc = {"task": run_spec.name, "steps": steps, "seed": seed, "adam_lr": adam_lr,
            "rules": [a.to_json() for a in analyses], "adam_val_loss": adam_curve, "adam_diverged": adam_run.diverged}

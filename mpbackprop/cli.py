@@ -38,6 +38,7 @@ from . import __version__
 from ._io import atomic_write, is_disk_full
 from ._json import dumps
 from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError, first_line
+from .device import DEVICES
 from .evaluation_run import SUITE_CHOICES
 from .exports import FORMATS
 from .limits import MAX_META_SEED, MAX_SEED, MAX_THREADS
@@ -592,6 +593,8 @@ def _global_seed_for_meta_train(parent: click.Context) -> int:
                    "--threads, --progress and --tensorboard may differ).")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Start anew in an --out that holds a run (removes its checkpoints and metrics).")
+@click.option("--device", type=click.Choice(DEVICES), default=None,
+              help=f"Where the run computes {_default('device')}; only cpu so far (cuda is refused).")
 @click.option("--threads", type=THREADS, default=1,
               help=f"torch threads, {THREADS.allowed} (tiny target networks run fastest on one).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
@@ -656,6 +659,10 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 
 
 
+_DEVICE_HELP = ("Where the runs compute: the dense paths run on cuda; a rule or network that needs the DGL "
+                "reference path (CPU only) is refused there.")
+
+
 # -------------------------------------------------------------------------- evaluate
 @main.command("evaluate", short_help="Compare a learned rule with tuned baselines.")
 @click.argument("rule", default="default")
@@ -679,13 +686,14 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write results.json, report.txt, curves.png and the tuning cache here.")
 @click.option("--threads", type=THREADS, default=1, help="torch threads (1..256).")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help=_DEVICE_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--tensorboard", "tb_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the learning curves as TensorBoard scalars here (needs mpbackprop[tensorboard]).")
 @report_errors
 def evaluate_cmd(rule: str, family: str | None, task_file: Path | None, suite: str, steps: int, seeds: int,
                  n_tasks: int, tuning_seeds: int, as_json: bool, plot: Path | None, out: Path | None, threads: int,
-                 progress: bool, tb_dir: Path | None) -> None:
+                 device: str, progress: bool, tb_dir: Path | None) -> None:
     """Evaluate RULE (a meta-training directory, a rule .pt file, or 'default') against SGD,
     SGD+momentum and Adam with learning rates tuned per task on separate seeds, plus the
     ablations learned-update-on-exact-backprop, learned-backward+Adam and FA+Adam.
@@ -693,16 +701,19 @@ def evaluate_cmd(rule: str, family: str | None, task_file: Path | None, suite: s
     import torch
 
     from . import evaluation_run as er
+    from .device import resolve as resolve_device
     from .evaluation import resolve_rule
 
     torch.set_num_threads(threads)
+    resolve_device(device)  # an unavailable device: one line before anything runs
     try:
         family = er.task_family(family, task_file, rule)
         er.check_suite(family, suite)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     backward, update, path = resolve_rule(rule)
-    run = er.run_suites((backward, update), path, family, suite, steps, seeds, n_tasks, tuning_seeds, out, progress)
+    run = er.run_suites((backward, update), path, family, suite, steps, seeds, n_tasks, tuning_seeds, out, progress,
+                        device)
     if plot or out:
         er.write_plots(run, plot, out)
     if tb_dir is not None:
@@ -736,11 +747,12 @@ def evaluate_cmd(rule: str, family: str | None, task_file: Path | None, suite: s
                    '"diverged", ...}; strict JSON: an undefined value (zero gradient, diverged run) is null.')
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write analysis.json, alignment.png, update_alignment.png, curves.png, messages-*.png, summary.md.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help=_DEVICE_HELP)
 @click.pass_context
 @report_errors
 def analyze_cmd(ctx: click.Context, rule: str, family: str | None, task_file: Path | None, steps: int,
                 message_step: int | None,
-                adam_lr: float | None, as_json: bool, out: Path | None) -> None:
+                adam_lr: float | None, as_json: bool, out: Path | None, device: str) -> None:
     """Train one held-out network with RULE ('default', a run directory, a rule file, 'exact' or
     'fa') and record per layer and step the cosine, norm ratio and sign agreement between the
     rule's signal and the true gradient, its update against Adam's, and backward-state statistics;
@@ -749,19 +761,22 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str | None, task_file: Pa
     import torch
 
     from . import analysis
+    from .device import resolve as resolve_device
     from .evaluation_run import task_family
     from .tasks import get_family
 
     if message_step is not None and message_step > steps:
         raise CLIError(f"--message-step {message_step} is after the last step; allowed: 1..{steps} (--steps {steps})")
     torch.set_num_threads(1)
+    resolve_device(device)  # an unavailable device: one line before anything runs
     try:
         family = task_family(family, task_file, rule)
         spec = get_family(family).tasks("heldout", 1)[0]
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     seed = ctx.find_object(CLIState).seed if ctx.find_object(CLIState) else 0
-    doc = analysis.report(rule, spec, steps, seed, out, None if message_step is None else message_step - 1, adam_lr)
+    doc = analysis.report(rule, spec, steps, seed, out, None if message_step is None else message_step - 1, adam_lr,
+                          device)
     if as_json:
         click.echo(dumps(doc, indent=1))
     else:

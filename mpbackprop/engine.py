@@ -294,11 +294,13 @@ def train_step(
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
     with grad_ctx:
         result = backward(net, record, dl, rule, rule_state, theta, update.history(opt_state), fused=fused)
-        uctx = UpdateContext(theta, result.signal, opt_state, step, net.graph.nodes[PARAM].data["tensor"],
+        segments = net.graph.nodes[PARAM].data["tensor"].to(theta.device)  # the graph stays on the CPU
+        uctx = UpdateContext(theta, result.signal, opt_state, step, segments,
                              len(net.tensors), net.tensor_sizes, total_steps, net.tensor_fan_in)
         new_theta, new_state = update.step(uctx)
         frozen = net.frozen_mask
         if frozen is not None:
+            frozen = frozen.to(theta.device)
             new_theta, new_state = _keep_frozen(frozen, theta, new_theta, opt_state, new_state)
     if trace:
         write_trace(net, record, result, (theta - new_theta).detach())
@@ -322,7 +324,7 @@ def _keep_frozen(frozen: Tensor, theta: Tensor, new_theta: Tensor, state: dict[s
 
 
 def write_trace(net: CompiledNetwork, record: ForwardRecord, result: BackwardResult, delta: Tensor) -> None:
-    """Write what flowed in one step onto ``net.graph`` (see :func:`train_step`)."""
+    """Write what flowed in one step onto ``net.graph`` (see :func:`train_step`; the graph is on the CPU)."""
     g = net.graph
     batch = record.a[0].shape[0]
     d = result.signal.shape[1]
@@ -333,16 +335,16 @@ def write_trace(net: CompiledNetwork, record: ForwardRecord, result: BackwardRes
     a_all = torch.zeros(net.num_neurons, batch, dtype=dtype)
     for layer in net.layers:
         sl = slice(layer.offset, layer.stop)
-        a_all[sl] = record.a[layer.index].detach().t()
+        a_all[sl] = record.a[layer.index].detach().t().cpu()
         z = record.z[layer.index]
         if z is not None:
-            z_all[sl] = z.detach().t()
+            z_all[sl] = z.detach().t().cpu()
         if result.b[layer.index] is not None:
-            b_all[sl] = result.b[layer.index].detach().permute(0, 2, 1)  # type: ignore[union-attr]
+            b_all[sl] = result.b[layer.index].detach().permute(0, 2, 1).cpu()  # type: ignore[union-attr]
         if result.messages[layer.index] is not None:
-            m_all[sl] = result.messages[layer.index].detach().permute(0, 2, 1)  # type: ignore[union-attr]
+            m_all[sl] = result.messages[layer.index].detach().permute(0, 2, 1).cpu()  # type: ignore[union-attr]
     nd = g.nodes[NEURON].data
     nd["b"], nd["M"], nd["z"], nd["a"] = b_all, m_all, z_all, a_all
-    g.nodes[PARAM].data["signal"] = result.signal.detach()
-    g.nodes[PARAM].data["delta"] = delta
+    g.nodes[PARAM].data["signal"] = result.signal.detach().cpu()
+    g.nodes[PARAM].data["delta"] = delta.cpu()
 

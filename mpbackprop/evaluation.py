@@ -44,6 +44,8 @@ import torch
 
 from . import _json as strict_json
 from ._io import atomic_write
+from .device import check_kernels, synchronize
+from .device import resolve as resolve_device
 from .inner_step import InnerStep
 from .metatrain.inner import get_task
 from .rules import SGD, Adam, BackwardRule, Exact, FeedbackAlignment, UpdateRule, kernels
@@ -122,13 +124,20 @@ def _method_rules(method: str, rule: tuple[BackwardRule, UpdateRule] | None, lr:
 
 
 def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[BackwardRule, UpdateRule] | None = None,
-               lr: float | None = None, val_examples: int | None = None) -> RunCurve:
-    """Train ``spec`` (initialisation and batch order from ``seed``) for ``steps`` steps with ``method``."""
+               lr: float | None = None, val_examples: int | None = None,
+               device: str | torch.device = "cpu") -> RunCurve:
+    """Train ``spec`` (initialisation and batch order from ``seed``) for ``steps`` steps with ``method``
+    on ``device`` (:mod:`mpbackprop.device`; the data are drawn on the CPU and moved there)."""
+    dev = resolve_device(device)
     run_spec = replace(spec, init_seed=spec.init_seed + seed)
     task = get_task(run_spec)
     backward, update = _method_rules(method, rule, lr, seed)
+    theta = task.theta0.clone()
+    if dev.type != "cpu":
+        check_kernels(task.net, backward, dev, theta=theta)
+        theta, backward, update = theta.to(dev), backward.to(dev), update.to(dev)
     gen = task.batch_generator(seed)  # same batches for every method of this seed
-    run = InnerStep.start(task.net, task.theta0.clone(), backward, update, total_steps=steps,
+    run = InnerStep.start(task.net, theta, backward, update, total_steps=steps,
                           batches=lambda: task.batch(gen), loss=task.loss)
     losses, accs = [], []
     elapsed = 0.0
@@ -140,6 +149,7 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
             x, y = run.next_batch()
             t0 = time.perf_counter()
             run.step(x, y)
+            synchronize(dev)
             elapsed += time.perf_counter() - t0
             loss, acc = task.evaluate(run.theta, val_examples)
             lv = float(loss)
@@ -162,7 +172,7 @@ def _cache_key(spec: TaskSpec, method: str, steps: int, seeds: list[int]) -> str
 
 def tune_lr(spec: TaskSpec, method: str, steps: int, tuning_seeds: int = 2,
             rule: tuple[BackwardRule, UpdateRule] | None = None, cache: Path | None = None,
-            val_examples: int | None = None) -> dict[str, Any]:
+            val_examples: int | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Best learning rate of a tuned method by mean log validation loss at ``steps`` on tuning seeds.
 
     Grid: half decades ``10^(k/2)`` over the method's range, extended (up to 8 times) while the
@@ -185,7 +195,7 @@ def tune_lr(spec: TaskSpec, method: str, steps: int, tuning_seeds: int = 2,
             lr = 10.0**exp
             vals = []
             for s in seeds:
-                curve = run_method(spec, method, steps, s, rule, lr, val_examples)
+                curve = run_method(spec, method, steps, s, rule, lr, val_examples, device=device)
                 last = curve.loss[-1]
                 vals.append(math.log(last) if math.isfinite(last) and last > 0 else 50.0)
             scores[exp] = sum(vals) / len(vals)
@@ -305,20 +315,21 @@ class TaskResult:
 def evaluate(tasks: list[tuple[TaskSpec, int]], rule: tuple[BackwardRule, UpdateRule] | None, seeds: int = 10,
              methods: tuple[str, ...] = METHODS, tuning_seeds: int = 2, cache: Path | None = None,
              val_examples: int | None = None,
-             progress: Callable[[str], None] | None = None) -> list[TaskResult]:
-    """Run every method on every task for ``seeds`` fresh seeds (tuning first, cached)."""
+             progress: Callable[[str], None] | None = None, device: str | torch.device = "cpu") -> list[TaskResult]:
+    """Run every method on every task for ``seeds`` fresh seeds (tuning first, cached), on ``device``
+    (the tuning cache does not record it: a learning rate tuned on one device serves the others)."""
     results = []
     for spec, steps in tasks:
         lrs = {}
         for m in methods:
             if m in _TUNED:
                 rule_cache = cache if m != "learned_backward_adam" else None
-                lrs[m] = tune_lr(spec, m, steps, tuning_seeds, rule, rule_cache, val_examples)["lr"]
+                lrs[m] = tune_lr(spec, m, steps, tuning_seeds, rule, rule_cache, val_examples, device)["lr"]
                 if progress:
                     progress(f"tuned {m} on {spec.name}: lr {lrs[m]:.3g}")
         res = TaskResult(spec, steps, lrs)
         for m in methods:
-            res.curves[m] = [run_method(spec, m, steps, _REPORT_SEED_BASE + s, rule, lrs.get(m), val_examples)
+            res.curves[m] = [run_method(spec, m, steps, _REPORT_SEED_BASE + s, rule, lrs.get(m), val_examples, device)
                              for s in range(seeds)]
             if progress:
                 progress(f"ran {m} on {spec.name}")

@@ -90,7 +90,8 @@ class EvaluationRun:
 
 
 def run_suites(rule: tuple[BackwardRule, UpdateRule], rule_path: Path, family: str, suite: str, steps: int,
-               seeds: int, n_tasks: int, tuning_seeds: int, out: Path | None, progress: bool) -> EvaluationRun:
+               seeds: int, n_tasks: int, tuning_seeds: int, out: Path | None, progress: bool,
+               device: str = "cpu") -> EvaluationRun:
     """Evaluate ``rule`` on ``suite`` (or ``all``) of ``family`` (checked first with :func:`check_suite`).
     Tuned learning rates are cached under ``out/tuning`` (else the user cache), per version of a task
     file; results are written to ``out`` as each task finishes."""
@@ -116,7 +117,7 @@ def run_suites(rule: tuple[BackwardRule, UpdateRule], rule_path: Path, family: s
             results: list[Any] = []
             for task in tasks:
                 results += ev.evaluate([task], rule, seeds=seeds, methods=run.methods[s], tuning_seeds=tuning_seeds,
-                                       cache=cache, progress=tick)
+                                       cache=cache, progress=tick, device=device)
                 run.results[s] = results
                 run.reports[s] = ev.summarize(results, run.methods[s])
                 if out:

@@ -87,8 +87,9 @@ class InnerStep:
               total_steps: int | None = None, batches: Batches | None = None, loss: str | LossFn = "cross_entropy",
               differentiable: bool = False, fused: bool = True,
               generator: torch.Generator | None = None) -> "InnerStep":
-        """A run at step 0 from ``theta``: fresh rule state (first) and update state (second)."""
-        rule_state = rule.init_state(net)
+        """A run at step 0 from ``theta``: fresh rule state (first) and update state (second), on ``theta``'s
+        device (the rules' own parameters must be there too: :mod:`mpbackprop.device`)."""
+        rule_state = {k: v.to(theta.device) for k, v in rule.init_state(net).items()}
         return cls(net, theta, rule, update, rule_state, update.init_state(theta), 0, total_steps, batches, loss,
                    differentiable, fused, generator)
 
@@ -112,6 +113,7 @@ class InnerStep:
             raise TypeError("step() takes both x and y, or neither")
         if x is None or y is None:
             x, y = self.next_batch()
+        x, y = x.to(self.theta.device), y.to(self.theta.device)  # a batch from the CPU (no copy there)
         result = train_step(self.net, self.theta, x, y, self.rule, self.update, self.rule_state, self.opt_state,
                             self.steps, loss=self.loss if loss is None else loss, differentiable=self.differentiable,
                             trace=trace, fused=self.fused, total_steps=self.total_steps, keep_backward=keep_backward,

@@ -315,6 +315,7 @@ class Task:
         x, y = self.valid.x, self.valid.y
         if max_examples is not None:
             x, y = x[:max_examples], y[:max_examples]
+        x, y = x.to(theta.device), y.to(theta.device)  # theta's device (no copy on the CPU)
         out = self.net(x.to(theta.dtype), theta)
         loss = resolve_loss(self.loss)(out, y.to(theta.dtype) if self.train.kind == "regression" else y)
         if self.train.kind == "classification":

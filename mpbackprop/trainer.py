@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .device import check_kernels, resolve
 from .inner_step import InnerStep
 from .losses import LossFn, resolve_loss
 from .network import CompiledNetwork, compile
@@ -62,24 +63,30 @@ class Trainer:
         of :meth:`state_dict` (a function, as ``LambdaLR``'s is not); the step count it reads is.
     seed : int, optional
         Seeds the dropout masks of training. When the compiled network has a ``Dropout`` block the trainer
-        owns a ``torch.Generator`` (on the batch's device), made at the first step and seeded with ``seed``,
+        owns a ``torch.Generator`` (on the run's device), made at the first step and seeded with ``seed``,
         which draws every step's masks (as ``F.dropout`` draws them, so a model trained by ``torch.optim``
         after ``torch.manual_seed(seed)`` sees the same masks when nothing else draws random numbers); its
         state is part of :meth:`state_dict`. ``seed=None`` takes the generator's seed from the global RNG
         at the first step (one draw, so ``torch.manual_seed`` beforehand makes the run reproducible, and two
         trainers made one after the other draw different masks). Without ``Dropout`` the seed is unused and
         nothing is drawn. Evaluating the compiled network (``net(x)``, no generator) draws no masks.
+    device : str or torch.device
+        Where the run's tensors live: ``"cpu"`` (default) or ``"cuda"`` (``"cuda:N"``). The module is
+        compiled on the CPU at the first step, then its parameters and buffers, the rules' parameters
+        and states move there; batches are moved there at each step. The DGL reference path runs on the
+        CPU only: a network and rule that need it on CUDA are refused (:mod:`mpbackprop.device`).
     """
 
     def __init__(self, model: nn.Module, rule: str | os.PathLike | BackwardRule = "exact",
                  update: str | UpdateRule | None = None, loss: str | LossFn = "cross_entropy",
                  total_steps: int | None = None, schedule: Callable[[int], float] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, device: str | torch.device = "cpu") -> None:
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         if seed is not None and (isinstance(seed, bool) or int(seed) != seed):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.device = resolve(device)
         self.model = model
         self.seed = None if seed is None else int(seed)
         self.total_steps = None if total_steps is None else int(total_steps)
@@ -138,11 +145,17 @@ class Trainer:
     def _bind(self, x: Tensor) -> None:
         net = compile(self.model, x)
         theta = net.read_from(self.model).clone()
+        check_kernels(net, self.rule, self.device, theta=theta)  # before anything moves
+        if self.device.type != "cpu":
+            theta = theta.to(self.device)
+            self.model.to(self.device)  # buffers; the parameters become views of theta below
+            self.rule.to(self.device)
+            self.update.to(self.device)
         for p in net.tensors:  # module parameters become views of theta
             self.model.get_parameter(p.path).data = theta[p.offset:p.stop].view(p.shape)
         generator = None
         if any(layer.kind == "dropout" for layer in net.layers):
-            generator = torch.Generator(device=x.device)
+            generator = torch.Generator(device=theta.device)
             if self._pending is None or self._pending["generator"] is None:  # else the loaded state replaces it
                 seed = self.seed
                 if seed is None:  # one draw from the global RNG
@@ -272,5 +285,6 @@ class Trainer:
         if generator is not None:
             assert self.inner.generator is not None
             self.inner.generator.set_state(generator)
-        self.inner.rule_state = rule_state or self.inner.rule_state
-        self.inner.opt_state = update_state or self.inner.opt_state
+        dev = self.inner.theta.device
+        self.inner.rule_state = {k: v.to(dev) for k, v in rule_state.items()} or self.inner.rule_state
+        self.inner.opt_state = {k: v.to(dev) for k, v in update_state.items()} or self.inner.opt_state

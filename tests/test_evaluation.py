@@ -13,7 +13,7 @@ from mpbackprop.tasks import TaskSpec
 
 
 def _fake_run(best_exp: float, calls: list):
-    def run(spec, method, steps, seed, rule=None, lr=None, val_examples=None):
+    def run(spec, method, steps, seed, rule=None, lr=None, val_examples=None, device="cpu"):
         calls.append(lr)
         loss = 0.1 + (math.log10(lr) - best_exp) ** 2  # unimodal in log lr
         return ev.RunCurve([loss] * steps, [0.5] * steps, 1.0)

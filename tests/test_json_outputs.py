@@ -99,7 +99,7 @@ def test_tuning_cache_reads_null_back_and_retunes_a_broken_entry(monkeypatch: py
                                                                  tmp_path: Path) -> None:
     calls: list[float] = []
 
-    def run_method(spec, method, steps, seed, rule=None, lr=None, val_examples=None):
+    def run_method(spec, method, steps, seed, rule=None, lr=None, val_examples=None, device="cpu"):
         calls.append(lr)
         loss = math.inf if lr > 1 else 0.1 + (math.log10(lr) + 2) ** 2  # diverges above lr 1
         return ev.RunCurve([loss] * steps, [0.5] * steps, 1.0, not math.isfinite(loss))

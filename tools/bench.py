@@ -1,6 +1,6 @@
 """Step-time benchmark: autograd vs the message-passing engine's rules, measured side by side.
 
-    python tools/bench.py [--json] [--batch 128] [--repeats 20] [--threads 2] [--quick]
+    python tools/bench.py [--json] [--batch 128] [--repeats 20] [--threads 2] [--quick] [--device cpu|cuda]
 
 Each case times one full training step (forward, backward, update) of
 autograd+SGD, autograd+Adam, and the engine with ``exact``+SGD, ``fa``+SGD and
@@ -12,6 +12,10 @@ Scaling: ``scaling_exponent`` is the least-squares slope of log(exact step time)
 log(parameters) over the three MLPs; ``scaling_exponent_autograd`` is the same for autograd+SGD
 (the reference: a fixed per-step cost flattens both); ``scaling_exponent_marginal`` subtracts
 the step time of a tiny MLP (``mlp-4-4-10``, the fixed per-step cost) before taking the slope.
+
+``--device cuda`` times every step on the GPU (each timed step ends with ``torch.cuda.synchronize``; the
+compiled graph's DGL blocks stay on the CPU, and the cases all take the dense paths); the meta-training
+probes run on the CPU only and are left out there.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import torch.nn.functional as F
 import mpbackprop as mp
 from mpbackprop import _json as strict_json
 from mpbackprop._io import replace_section
+from mpbackprop.device import DEVICES, DeviceError, check_kernels, synchronize
+from mpbackprop.device import resolve as resolve_device
 from mpbackprop.inner_step import InnerStep
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, kernels, load_rule, rule_path
 
@@ -69,32 +75,38 @@ def _autograd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> Callab
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        synchronize(x.device)
     return run
 
 
 def _engine_step(net, rule, update, x, y, fused: str = "off") -> Callable[[], None]:
-    inner = InnerStep.start(net, net.values.clone(), rule, update, total_steps=1000)
+    device = x.device
+    check_kernels(net, rule, device)
+    inner = InnerStep.start(net, net.values.clone().to(device), rule.to(device), update.to(device), total_steps=1000)
 
     def run() -> None:
         kernels.set_mode(fused)
         try:
             inner.step(x, y)
+            synchronize(device)
         finally:
             kernels.set_mode(None)
     return run
 
 
-def bench_case(name: str, batch: int, repeats: int, rule: str = "default", fused: str = "on") -> dict[str, Any]:
+def bench_case(name: str, batch: int, repeats: int, rule: str = "default", fused: str = "on",
+               device: str = "cpu") -> dict[str, Any]:
+    dev = resolve_device(device)
     factory, shape = CASES[name]
     torch.manual_seed(0)
     model = factory()
-    x = torch.randn(batch, *shape)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, *shape).to(dev)
+    y = torch.randint(0, 10, (batch,)).to(dev)
     t0 = time.perf_counter()
     net = mp.compile(model, shape)
     compile_s = time.perf_counter() - t0
     _ = net.views  # build the per-layer blocks outside the timed region
-    m_sgd, m_adam = factory(), factory()
+    m_sgd, m_adam = factory().to(dev), factory().to(dev)
     runs: dict[str, Callable[[], None]] = {
         "autograd_sgd": _autograd_step(m_sgd, torch.optim.SGD(m_sgd.parameters(), lr=0.01), x, y),
         "autograd_adam": _autograd_step(m_adam, torch.optim.Adam(m_adam.parameters(), lr=1e-3), x, y),
@@ -230,9 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the meta-training probe (batched against sequential copies; no README)")
     ap.add_argument("--readme", default=None, help="regenerate the performance section of this README")
     ap.add_argument("--rule", default="default", help="learned rule to time: 'default' (packaged), a .pt or a run dir")
+    ap.add_argument("--device", choices=DEVICES, default="cpu",
+                    help="where the steps run (cuda: the meta-training probes, CPU only, are left out)")
     ap.add_argument("--fused", choices=kernels.MODES, default="on",
                     help="fused kernels for 'learned' (on: compiled for every case; auto: as a run of 1000 steps would)")
     args = ap.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except DeviceError as exc:
+        ap.error(str(exc))  # one line, exit 2
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     try:
@@ -243,21 +261,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     load = [round(x, 2) for x in os.getloadavg()]
+    on_cpu = args.device == "cpu"
     if args.meta_only:
+        if not on_cpu:
+            print("the meta-training probe runs on the CPU only: use --device cpu with --meta-only", file=sys.stderr)
+            return 2
         mt = {"load_average": load, **meta_training_probe(args.meta_steps)}
         mt["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         print(strict_json.dumps(mt, indent=2) if args.json else f"meta-training (default family): {mt}")
         return 0
     names = ["mlp-64-128-10"] if args.quick else list(CASES)
     repeats = 3 if args.quick else args.repeats
-    cases = [bench_case(n, args.batch, repeats, args.rule, args.fused) for n in names]
+    cases = [bench_case(n, args.batch, repeats, args.rule, args.fused, args.device) for n in names]
     tiny = next((c for c in cases if c["case"] == TINY), None)
     cases = [c for c in cases if c["case"] != TINY]
     big = next((c for c in cases if c["case"] == BIG), cases[-1])
     result: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                     "processor": platform.processor() or platform.machine(), "batch": args.batch,
-                    "load_average": load, "fused": args.fused},
+                    "load_average": load, "fused": args.fused,
+                    **({} if on_cpu else {"device": torch.cuda.get_device_name(resolve_device(args.device))})},
         "ratios": {"exact_vs_autograd": big["ratios"]["exact_vs_autograd"],
                    "learned_vs_adam": big["ratios"]["learned_vs_adam"]},
         "scaling_exponent": round(scaling_exponent(cases), 3) if len(cases) > 2 else None,
@@ -267,7 +290,7 @@ def _main(args: argparse.Namespace) -> int:
         "fixed_step_ms": tiny["ms_per_step"] if tiny else None,
         "cases": cases,
     }
-    if not args.quick:
+    if not args.quick and on_cpu:
         result["meta_training"] = meta_training_probe(args.meta_steps)
         result["distributed"] = distributed_probe(args.meta_steps)
     if args.json:
@@ -308,7 +331,8 @@ def _fixed(result: dict[str, Any]) -> str:
 def _write_readme(path: Path, result: dict[str, Any]) -> None:
     m = result["machine"]
     body = [START, "", f"Generated by `python tools/bench.py --readme README.md` (batch {m['batch']}, float32, "
-            f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}, torch {m['torch']}, {m['processor']}). Median ms per training step; "
+            f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}, torch {m['torch']}, {m['processor']}"
+            f"{', on ' + m['device'] if m.get('device') else ''}). Median ms per training step; "
             "ratio to autograd + SGD in brackets; `learned` is the packaged default rule, its backward and its "
             f"update (told a run length of 1000 steps) with fused kernels `{m.get('fused', 'on')}` (compile seconds in "
             "the last column), `learned eager` the same rule on its eager code. Load average (1, 5, 15 min) at the start: "

@@ -87,6 +87,10 @@ class MetaConfig:
         Meta-validation trains each validation task for ``k·eval_horizon`` steps for each ``k`` here
         (the rule told that length) and scores the mean log validation loss at the end, averaged over
         the ``k``; ``best.pt`` is the checkpoint with the lowest score.
+    device : str
+        Where the run computes (:data:`mpbackprop.device.DEVICES`); configs written before the option
+        read as ``cpu``. Meta-training itself runs on the CPU only so far: another device is refused
+        when the run starts (the name is checked here, so a config from a GPU machine still loads).
     """
 
     family: str = "augmented"
@@ -126,6 +130,7 @@ class MetaConfig:
     checkpoint_every: int = 20
     diverge_factor: float = 5.0
     seed: int = 0
+    device: str = "cpu"
     task_file: str | None = None
     task_sha256: str | None = None
 
@@ -261,6 +266,19 @@ def _families() -> list[str]:
     return list(FAMILIES)
 
 
+def _devices() -> tuple[str, ...]:
+    from ..device import DEVICES
+
+    return DEVICES
+
+
+def _device(v: Any) -> str:
+    """A device name (its availability is checked when a run starts: :func:`mpbackprop.device.resolve`)."""
+    if not isinstance(v, str) or not re.fullmatch(r"(cpu|cuda(:\d+)?)", v):
+        raise ValueError(v)
+    return v
+
+
 def _flag(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError
@@ -327,6 +345,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "checkpoint_every": _AT_LEAST_1,
     "diverge_factor": _number(lambda v: v > 1, "a finite number > 1, a multiple of the initial loss"),
     "seed": _integer(0, MAX_META_SEED),
+    "device": (lambda v: _device(v), lambda: "one of " + ", ".join(_devices()) + " (or cuda:N)"),
     "task_file": (lambda v: v, "a path"),  # checked (and loaded) first, in __post_init__
     "task_sha256": (lambda v: v, "64 hex digits"),
 }

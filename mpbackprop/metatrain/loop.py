@@ -39,6 +39,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .._io import atomic_torch_save, atomic_write
+from ..device import DeviceError
+from ..device import resolve as resolve_device
 from .._json import dump_line, finite_or_none, sanitize
 from ..errors import GraphFileError, first_line
 from ..rules import BackwardRule, Exact, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
@@ -54,6 +56,15 @@ from .rundir import RunDirectoryError, RunLock, append_line, clear_run, disk_ful
 __all__ = ["MetaTrainer", "meta_validate", "build_rules", "RunSummary", "print_note"]
 
 _STATE_FORMAT = "mpbackprop-metatrain-state"
+
+
+def check_device(name: str) -> None:
+    """Refuse a device meta-training cannot run on (one line): unknown, unavailable (:func:`~mpbackprop.device.resolve`)
+    or not the CPU — the estimators' noise, the batched copies, the all-reduces (gloo) and the checkpoints are
+    not device-aware yet."""
+    if resolve_device(name).type != "cpu":
+        raise DeviceError(f"meta-training runs on the CPU only so far (device {name!r}); use --device cpu "
+                          "(evaluate, analyze, the Trainer and tools/bench.py take --device cuda)")
 
 
 def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
@@ -182,6 +193,8 @@ class MetaTrainer:
         if resume and not self.out.is_dir():
             raise nothing
         self.saved_step: int | None = None
+        if isinstance(cfg, MetaConfig):  # refused before the directory is touched
+            check_device(cfg.device)
         self._claim(resume, overwrite)
         try:
             if resume and not state_path.is_file():
@@ -189,6 +202,7 @@ class MetaTrainer:
             cfg = self._resumed_config(cfg) if resume else cfg
             if not isinstance(cfg, MetaConfig):
                 raise TypeError("a new run needs a whole MetaConfig")
+            check_device(cfg.device)
             self.cfg = cfg
             self.family = get_family(cfg.family)
             self.rule, self.update = build_rules(cfg)

@@ -213,14 +213,14 @@ class LearnedBackward(BackwardRule):
             rows.append(torch.log(torch.sqrt(hist + 1e-30) + 1e-8))
             cols.append(4)
             scale.append(rw.new_tensor(0.1))
-        const = torch.tensor([ctx.depth, math.log(fan_in) / 5], dtype=dtype)
+        const = torch.tensor([ctx.depth, math.log(fan_in) / 5], dtype=dtype, device=w.device)
         d = self.state_dim
         learned = _feature_mlp(self.coef_mlp, torch.stack(rows).to(dtype), const, columns=(cols, [2, 3]),
                                row_scale=torch.stack(scale).to(dtype),
                                out_scale=rw.to(dtype).expand(d * d)).to(w.dtype)  # (d², P_w), times rms(w)
         if d > 1:
             base = self.alpha * w + self.beta * fb
-            return learned.t().reshape(-1, d, d) + base.view(-1, 1, 1) * torch.eye(d, dtype=w.dtype)
+            return learned.t().reshape(-1, d, d) + base.view(-1, 1, 1) * torch.eye(d, dtype=w.dtype, device=w.device)
         if torch.is_grad_enabled():
             return learned[0] + self.alpha * w + self.beta * fb
         return learned[0].add_(w, alpha=float(self.alpha)).add_(fb, alpha=float(self.beta))
@@ -233,7 +233,7 @@ class LearnedBackward(BackwardRule):
         rows = [*M.unbind(1), _tanh(ctx.z)] + ([_tanh(ctx.a)] if self.features == "full" else []) + [ctx.fprime]
         feats = torch.stack(rows).view(len(rows), n * batch).to(dtype)
         scale = torch.cat([(1 / r).expand(d), r.new_ones(len(rows) - d)]).to(dtype)
-        const = torch.tensor([ctx.depth], dtype=dtype)
+        const = torch.tensor([ctx.depth], dtype=dtype, device=M.device)
         correction = _feature_mlp(self.node_mlp, feats, const, row_scale=scale,
                                   out_scale=r.to(dtype).expand(d)).to(M.dtype)  # times r
         return torch.addcmul(correction.view(d, n, batch).transpose(0, 1), ctx.fprime.unsqueeze(1), M)
@@ -243,9 +243,9 @@ class LearnedBackward(BackwardRule):
                 f"init={self.init!r})")
 
 
-def _time_features(t: int, dtype: torch.dtype) -> Tensor:
+def _time_features(t: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
     """Step-count inputs of the learned update: ``tanh(t/c)`` for ``c`` = 1, 10, 100, 1000."""
-    return torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=dtype)
+    return torch.tensor([math.tanh(t / c) for c in (1, 10, 100, 1000)], dtype=dtype, device=device)
 
 
 #: Momentum decays of each feature set; ``full`` also feeds the raw momenta and signal channels.
@@ -326,7 +326,7 @@ class LearnedUpdate(UpdateRule):
 
     def _momenta(self, state: dict[str, Tensor], g: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
         if self.features == "compact":
-            weight = torch.tensor([[1 - beta] for beta in self.decays], dtype=g.dtype)
+            weight = torch.tensor([[1 - beta] for beta in self.decays], dtype=g.dtype, device=g.device)
             m = torch.lerp(state["m"], g, weight)
             return list(m.unbind(0)), {"m": m}
         moms = [torch.lerp(state[f"m{k}"], g, 1 - beta) for k, beta in enumerate(self.decays)]
@@ -360,8 +360,8 @@ class LearnedUpdate(UpdateRule):
             rows += [ctx.theta] if self.weight_input else []
             factors = [1.0] * self.signal_dim + unbiased + [1.0] * self.weight_input
         dtype = self.log_lr_scale.dtype
-        out = _feature_mlp(self.net, torch.stack(rows).to(dtype), _time_features(t, dtype), sizes=sizes,
-                           row_scale=torch.tensor(factors, dtype=dtype)).to(g.dtype)
+        out = _feature_mlp(self.net, torch.stack(rows).to(dtype), _time_features(t, dtype, g.device), sizes=sizes,
+                           row_scale=torch.tensor(factors, dtype=dtype, device=g.device)).to(g.dtype)
         learned = out[0] * (self.lr / self.max_step)
         if out.shape[0] == 2:  # full: direction·exp(λ·magnitude)
             learned = learned * torch.exp(self.exp_mult * out[1])
@@ -405,10 +405,11 @@ class LearnedUpdate(UpdateRule):
             x[d + k].copy_(theta)
         unbiased = self._unbiased(t)
         root = 1 / math.sqrt(c_v)
-        factors = torch.tensor([root] * d + [u * root for u in unbiased] + [1.0] * self.weight_input, dtype=x.dtype)
+        factors = torch.tensor([root] * d + [u * root for u in unbiased] + [1.0] * self.weight_input, dtype=x.dtype,
+                               device=x.device)
         # max_step·tanh(u) = max_step·(2σ(2u) − 1), u = lr/max_step·direction
-        out = _feature_mlp(self.net, x, _time_features(t, x.dtype), sizes=sizes, row_scale=factors,
-                           out_scale=torch.tensor([2 * self.lr / self.max_step], dtype=x.dtype),
+        out = _feature_mlp(self.net, x, _time_features(t, x.dtype, x.device), sizes=sizes, row_scale=factors,
+                           out_scale=torch.tensor([2 * self.lr / self.max_step], dtype=x.dtype, device=x.device),
                            out=self._buffer("out", (1, theta.numel()), theta))
         sig = out[0].sigmoid_()
         new_theta = torch.add(theta, sig, alpha=-2 * self.max_step).add_(self.max_step)

@@ -153,15 +153,16 @@ class ScheduledUpdate(UpdateRule):
         """``η(t, T)`` before the per-tensor width factor (a scalar tensor, differentiable)."""
         tau = min(step / total_steps, 1.0)
         scale = torch.exp(self.log_lr_scale - self.horizon_exponent() * math.log(total_steps / self.horizon_ref))
-        return self.lr * scale * cosine_schedule(torch.tensor(tau, dtype=scale.dtype), self.floor_fraction())
+        return self.lr * scale * cosine_schedule(torch.tensor(tau, dtype=scale.dtype, device=scale.device), self.floor_fraction())
 
     def _width_factors(self, ctx: UpdateContext, sizes: tuple[int, ...], like: Tensor) -> Tensor | None:
         """``(fan_in/64)^{-p}`` per parameter (1 for biases), or None when no fan-in is known."""
         if ctx.fan_in is None:
             return None
-        logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=like.dtype)
+        logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=like.dtype,
+                            device=like.device)
         per_tensor = torch.exp(-self.width_exponent().to(like.dtype) * logs)
-        return torch.repeat_interleave(per_tensor, torch.tensor(sizes), output_size=like.numel())
+        return torch.repeat_interleave(per_tensor, torch.tensor(sizes, device=like.device), output_size=like.numel())
 
     def history(self, state: dict[str, Tensor]) -> UpdateHistory:
         return UpdateHistory(second_moment=state["v"])
@@ -184,7 +185,7 @@ class ScheduledUpdate(UpdateRule):
                 return fused[0], {"m": fused[1], "v": fused[2]}
         g, theta = signal[:, 0], ctx.theta
         t = ctx.step + 1
-        weight = torch.tensor([[1 - beta] for beta in _DECAYS], dtype=g.dtype)
+        weight = torch.tensor([[1 - beta] for beta in _DECAYS], dtype=g.dtype, device=g.device)
         m = torch.lerp(ctx.state["m"], g, weight)
         v = torch.lerp(ctx.state["v"], g * g, 1 - _BETA2)
         rsqrt = 1 / (torch.sqrt(v * (1 / (1 - _BETA2**t)) + 1e-30) + 1e-8)  # Adam's; +1e-30: finite derivative at 0
@@ -195,9 +196,9 @@ class ScheduledUpdate(UpdateRule):
             factors = [1.0] * self.signal_dim + unbiased
             dtype = self.log_lr_scale.dtype
             tau = min(ctx.step / ctx.total_steps, 1.0)
-            const = torch.tensor([tau, math.cos(math.pi * tau)], dtype=dtype)
+            const = torch.tensor([tau, math.cos(math.pi * tau)], dtype=dtype, device=g.device)
             x = torch.stack(rows).to(dtype)
-            scale = torch.tensor(factors, dtype=dtype)
+            scale = torch.tensor(factors, dtype=dtype, device=g.device)
             out = _feature_mlp(self.net, x, const, sizes=sizes, row_scale=scale)
             out = out - _feature_mlp(self.net, -x, const, sizes=sizes, row_scale=scale)  # odd in x: no drift
             direction = direction + self.correction * _tanh(0.5 * out[0].to(g.dtype))
@@ -207,8 +208,9 @@ class ScheduledUpdate(UpdateRule):
         if self.weight_decay:
             decay = torch.exp(self.log_wd).to(g.dtype) * eta
             if ctx.fan_in is not None:  # weights only
-                is_weight = torch.tensor([f > 0 for f in ctx.fan_in], dtype=g.dtype)
-                decay = decay * torch.repeat_interleave(is_weight, torch.tensor(sizes), output_size=g.numel())
+                is_weight = torch.tensor([f > 0 for f in ctx.fan_in], dtype=g.dtype, device=g.device)
+                decay = decay * torch.repeat_interleave(is_weight, torch.tensor(sizes, device=g.device),
+                                                        output_size=g.numel())
             delta = delta + decay * theta
         return theta - delta, {"m": m, "v": v}
 
@@ -219,19 +221,21 @@ class ScheduledUpdate(UpdateRule):
         t = ctx.step + 1
         dtype = signal.dtype
         scalars = torch.tensor([1 / (1 - _BETA2**t), self.correction, *(1 / (1 - beta**t) for beta in _DECAYS)],
-                               dtype=dtype)
+                               dtype=dtype, device=signal.device)
         first, last = self.net[0], self.net[-1]
         n_feat = self.signal_dim + len(_DECAYS)
         tau = min(ctx.step / ctx.total_steps, 1.0)  # type: ignore[operator]
-        b1 = first.bias + first.weight[:, n_feat:] @ torch.tensor([tau, math.cos(math.pi * tau)], dtype=dtype)
+        b1 = first.bias + first.weight[:, n_feat:] @ torch.tensor([tau, math.cos(math.pi * tau)], dtype=dtype,
+                                                                    device=signal.device)
         eta = self.step_size(ctx.step, ctx.total_steps)  # type: ignore[arg-type]
         if ctx.fan_in is None:
             rate = eta.expand(len(sizes))
             decay = (torch.exp(self.log_wd) * eta).expand(len(sizes)) if self.weight_decay else torch.zeros_like(rate)
         else:
-            logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=dtype)
+            logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=dtype,
+                                device=signal.device)
             rate = eta * torch.exp(-self.width_exponent() * logs)
-            is_weight = torch.tensor([f > 0 for f in ctx.fan_in], dtype=dtype)
+            is_weight = torch.tensor([f > 0 for f in ctx.fan_in], dtype=dtype, device=signal.device)
             decay = torch.exp(self.log_wd) * eta * is_weight if self.weight_decay else torch.zeros_like(rate)
         return (signal, ctx.theta, ctx.state["m"], ctx.state["v"], scalars, first.weight[:, :n_feat], b1,
                 last.weight[0], torch.stack([rate, decay], 1))
