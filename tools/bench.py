@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import mpbackprop as mp
 from mpbackprop import _json as strict_json
 from mpbackprop._io import replace_section
-from mpbackprop.inner_step import InnerStep
+from mpbackprop.engine import InnerStep
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, kernels, load_rule, rule_path
 
 class _SmallConvNet(nn.Module):

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .inner_step import InnerStep
 from .losses import LossFn, resolve_loss
-from .network import CompiledNetwork, compile
-from .rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update, rule_path
+from ..graph.network import CompiledNetwork, compile
+from ..rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update, rule_path
 
 __all__ = ["Trainer"]
 

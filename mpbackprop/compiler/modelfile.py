@@ -39,7 +39,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import ModelFileError, first_line
+from ..errors import ModelFileError, first_line
 
 __all__ = ["load_model", "model_output_to_stderr", "parse_shape", "run_model_file"]
 

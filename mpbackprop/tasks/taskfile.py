@@ -1,6 +1,6 @@
 """Task files: your own datasets and models as a task family, for ``meta-train --task FILE.py``.
 
-A task file is a Python file run as a model file for ``compile`` is (:mod:`mpbackprop.modelfile`:
+A task file is a Python file run as a model file for ``compile`` is (:mod:`mpbackprop.compiler.modelfile`:
 a fresh module, its folder importable while it runs, its prints on stderr). It defines
 
 ``DATASETS``
@@ -42,9 +42,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import tasks
-from .errors import ModelFileError, TaskFileError, first_line
-from .modelfile import run_model_file
+from . import registry as tasks
+from ..errors import ModelFileError, TaskFileError, first_line
+from ..compiler.modelfile import run_model_file
 
 __all__ = ["load_arrays", "load_task_file", "TaskFile"]
 
@@ -278,7 +278,7 @@ def _check_models(family: tasks.TaskFamily, display: str) -> None:
     import torch
     import torch.nn as nn
 
-    from .network import compile
+    from ..graph.network import compile
 
     for dataset in family.datasets:
         shape, kind = tasks.DATASETS[dataset]
