@@ -8,14 +8,16 @@ that graph with exact, feedback-alignment or learned rules.
 from __future__ import annotations
 
 from . import _quiet  # noqa: F401  (sets DGLBACKEND and silences DGL's import chatter first)
-from .activations import Activation
 from .errors import GraphFileError, ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError
-from .layers import Layer, ParamTensor
+# graph/ before anything that uses the compiler: graph/__init__ loads activations and layers, which the
+# compiler builds on, before schema and network bring in compiler/
+from .graph.activations import Activation
+from .graph.layers import Layer, ParamTensor
+from .graph.network import CompiledNetwork, ForwardRecord, compile, load
 from . import rules, tasks
-from .network import CompiledNetwork, ForwardRecord, compile, load
-from .inner_step import InnerStep
-from .trainer import Trainer
-from .verify import verify
+from .engine.inner_step import InnerStep
+from .engine.trainer import Trainer
+from .evaluation.verify import verify
 
 __version__ = "0.1.0"
 

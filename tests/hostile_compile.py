@@ -40,7 +40,7 @@ def _export(tmp: Path) -> Path:
     import torch.nn as nn
 
     import mpbackprop as mp
-    from mpbackprop.exports import write_json
+    from mpbackprop.graph import write_json
 
     return write_json(mp.compile(nn.Sequential(nn.Linear(3, 2)), (3,)), tmp / "g.json")
 

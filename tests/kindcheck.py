@@ -19,13 +19,12 @@ import torch
 import torch.nn as nn
 
 import mpbackprop as mp
-from mpbackprop.budget import estimate
-from mpbackprop.compiler import symbolic_trace
+from mpbackprop import verify
+from mpbackprop.compiler import estimate, symbolic_trace
 from mpbackprop.engine import signals
-from mpbackprop.exports import read_json, write_json
+from mpbackprop.graph import read_json, write_json
 from mpbackprop.kinds import BlockInput, get, select_kernel
 from mpbackprop.rules import Exact, FeedbackAlignment, LearnedBackward
-from mpbackprop.verify import verify
 
 
 def _rules(dtype: torch.dtype) -> list:
@@ -95,7 +94,7 @@ def check_graph(make, shape, tmp_path, batch: int = 3) -> None:
         got, _ = signals(other, x, y, Exact())
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     gm = symbolic_trace(model)
-    from mpbackprop.compiler import _ShapeRecorder
+    from mpbackprop.compiler.trace import _ShapeRecorder
 
     with torch.no_grad():
         _ShapeRecorder(gm, str).run(torch.zeros(2, *shape, dtype=torch.float64))

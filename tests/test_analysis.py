@@ -10,8 +10,8 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 import mpbackprop as mp
-from mpbackprop.analysis import analyze
 from mpbackprop.cli import main
+from mpbackprop.evaluation import analyze
 from mpbackprop.rules import Adam, Exact, FeedbackAlignment
 
 
@@ -88,7 +88,7 @@ def test_tensorboard_event_files(tmp_path):
 
 
 def test_report_refuses_a_message_step_outside_the_run():
-    from mpbackprop import analysis
+    from mpbackprop.evaluation import analysis
     from mpbackprop.tasks import get_family
 
     spec = get_family("tabular-mlp").tasks("heldout", 1)[0]

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import mpbackprop
 from mpbackprop._quiet import dgl
 from mpbackprop.cli import main, report_errors
-from mpbackprop.modelfile import load_model
+from mpbackprop.compiler import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -8,13 +8,11 @@ import click
 import pytest
 
 from mpbackprop import evaluation
-from mpbackprop.cli import main
-from mpbackprop.evaluation_run import SUITE_CHOICES, check_suite, task_family
-from mpbackprop.exports import FORMATS, output_format
-from mpbackprop.losses import LOSSES
+from mpbackprop.cli import format_table, main, shape_text
+from mpbackprop.engine import LOSSES
+from mpbackprop.evaluation import DTYPES, RULES, SUITE_CHOICES, check_suite, task_family
+from mpbackprop.graph import FORMATS, output_format
 from mpbackprop.metatrain.config import CHOICES, MetaConfig, asked_settings, default_run_dir
-from mpbackprop.tables import format_table, shape_text
-from mpbackprop.verify import DTYPES, RULES
 
 
 def _choices(command: str, option: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mpbackprop.cli import main
 from mpbackprop.evaluation import METHODS
 
-verify_module = importlib.import_module("mpbackprop.verify")  # the package exports verify() under the same name
+verify_module = importlib.import_module("mpbackprop.evaluation.verify")  # packages export verify() under that name
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

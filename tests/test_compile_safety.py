@@ -20,13 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mpbackprop as mp
-from mpbackprop import budget, compiler
-from mpbackprop.activations import Activation
-from mpbackprop.budget import GraphTooLargeError
+from mpbackprop.compiler import ForwardMismatchError, GraphTooLargeError, budget
+from mpbackprop.compiler import trace as compiler
 from mpbackprop.engine import signals
 from mpbackprop.errors import ShapeError, UnsupportedOpError
+from mpbackprop.graph import Activation
 from mpbackprop.rules import Exact
-from mpbackprop.selfcheck import ForwardMismatchError
 
 DT = torch.float64
 HERE = os.path.basename(__file__)

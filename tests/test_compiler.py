@@ -24,9 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mpbackprop
-from mpbackprop.activations import ACTIVATION_IDS, Activation
 from mpbackprop.errors import ShapeError, UnsupportedOpError
-from mpbackprop.layers import KINDS
+from mpbackprop.graph import ACTIVATION_IDS, KINDS, Activation
 
 DT = torch.float64
 ATOL = 1e-10

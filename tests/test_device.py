@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import mpbackprop as mp
 from mpbackprop.cli import main
 from mpbackprop.device import DEVICES, DeviceError, check_kernels, reference_blocks, resolve
-from mpbackprop.inner_step import InnerStep
+from mpbackprop.engine import InnerStep
 from mpbackprop.metatrain.config import MetaConfig
 from mpbackprop.rules import Adam, load_rule, make_backward, make_update, rule_path
 from mpbackprop.rules.learned import LearnedBackward

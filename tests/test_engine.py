@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mpbackprop as mp
+from mpbackprop import verify
 from mpbackprop.engine import signals, train_step
 from mpbackprop.errors import GraphFileError
 from mpbackprop.rules import (
     SGD, Adam, BackwardRule, Exact, FeedbackAlignment, LearnedBackward, LearnedUpdate, load_rule, save_rule,
 )
-from mpbackprop.verify import verify
 
 ACTS = [nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(0.7), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Tanh(), nn.Sigmoid(),
         nn.Softplus(beta=2.0), nn.Identity()]

@@ -23,7 +23,7 @@ def _fake_run(best_exp: float, calls: list):
 @pytest.mark.parametrize("best_exp", [-2.25, -5.25, 1.75])
 def test_tuning_finds_the_quarter_decade_optimum_and_extends_the_grid(monkeypatch, tmp_path, best_exp):
     calls: list = []
-    monkeypatch.setattr(ev, "run_method", _fake_run(best_exp, calls))
+    monkeypatch.setattr(ev.protocol, "run_method", _fake_run(best_exp, calls))
     spec = TaskSpec()
     res = ev.tune_lr(spec, "adam", 10, tuning_seeds=1, cache=tmp_path)
     assert res["lr"] == pytest.approx(10**best_exp)

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import mpbackprop as mp
+from mpbackprop import verify
 from mpbackprop._json import loads_strict
 from mpbackprop.cli import main
 from mpbackprop.engine import train_step
-from mpbackprop.exports import write_graphml, write_json
+from mpbackprop.graph import write_graphml, write_json
 from mpbackprop.rules import SGD, Adam, LearnedBackward
-from mpbackprop.verify import verify
 
 DT = torch.float64
 

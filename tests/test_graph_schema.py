@@ -20,7 +20,7 @@ import mpbackprop
 from mpbackprop._json import loads_strict
 from mpbackprop._quiet import dgl
 from mpbackprop.errors import GraphFileError
-from mpbackprop.exports import write_graphml, write_json
+from mpbackprop.graph import write_graphml, write_json
 from test_compiler import CASE_IDS, CASES, DT, Case, build, close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -375,7 +375,7 @@ def test_load_dgl_file_without_mpbackprop_metadata(tmp_path) -> None:
 
 def _seal(path) -> None:
     """Append the checksum footer ``save`` writes, so a hand-made file reaches the metadata checks."""
-    from mpbackprop import network
+    from mpbackprop.graph import network
 
     data = path.read_bytes()
     path.write_bytes(data + network._FOOTER_MAGIC + hashlib.sha256(data).digest())

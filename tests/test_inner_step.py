@@ -7,9 +7,8 @@ import torch
 import torch.nn as nn
 
 import mpbackprop as mp
-from mpbackprop.analysis import _messages, analyze
-from mpbackprop.engine import layer_context, layer_depth, train_step
-from mpbackprop.inner_step import InnerStep
+from mpbackprop.engine import InnerStep, layer_context, layer_depth, train_step
+from mpbackprop.evaluation.analysis import _messages, analyze
 from mpbackprop.rules import (SGD, Adam, Exact, FeedbackAlignment, LearnedBackward, LearnedUpdate, ScheduledUpdate,
                               UpdateHistory)
 

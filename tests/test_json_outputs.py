@@ -104,7 +104,7 @@ def test_tuning_cache_reads_null_back_and_retunes_a_broken_entry(monkeypatch: py
         loss = math.inf if lr > 1 else 0.1 + (math.log10(lr) + 2) ** 2  # diverges above lr 1
         return ev.RunCurve([loss] * steps, [0.5] * steps, 1.0, not math.isfinite(loss))
 
-    monkeypatch.setattr(ev, "run_method", run_method)
+    monkeypatch.setattr(ev.protocol, "run_method", run_method)
     first = ev.tune_lr(TaskSpec(), "sgd", 4, tuning_seeds=1, cache=tmp_path)
     (path,) = tmp_path.glob("*.json")
     assert loads_strict(path.read_text())["lr"] == pytest.approx(first["lr"]) == pytest.approx(1e-2)

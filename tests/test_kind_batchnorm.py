@@ -54,7 +54,7 @@ def test_eval_mode_module_compiles_with_batch_statistics_and_flags_are_restored(
 def test_messages_couple_the_samples() -> None:
     """Changing one sample's output gradient changes the other samples' messages (not so without BN)."""
     from mpbackprop.engine import backward, forward_and_seed
-    from mpbackprop.losses import resolve_loss
+    from mpbackprop.engine import resolve_loss
     from mpbackprop.rules import Exact
 
     torch.manual_seed(0)

@@ -188,7 +188,7 @@ def test_augmented_tasks_rescale_inputs_and_initial_weights_and_keep_old_spec_js
 
 
 def test_depth_augmentation_adds_wider_and_deeper_mlps_and_leaves_the_augmented_family_alone():
-    from mpbackprop.tasks import _deepened
+    from mpbackprop.tasks.registry import _deepened
 
     class Draws:  # rng.random() returns these in turn
         def __init__(self, *values):

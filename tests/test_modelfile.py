@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
+from mpbackprop.compiler import load_model, parse_shape
 from mpbackprop.errors import ModelFileError
-from mpbackprop.modelfile import load_model, parse_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 

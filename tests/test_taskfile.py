@@ -15,8 +15,7 @@ import mpbackprop as mp
 from mpbackprop import evaluation as ev
 from mpbackprop.cli import main
 from mpbackprop.metatrain import MetaConfig, MetaTrainer
-from mpbackprop.taskfile import load_arrays, load_task_file
-from mpbackprop.tasks import FAMILIES, SPLITS, Task, TaskSpec
+from mpbackprop.tasks import FAMILIES, SPLITS, Task, TaskSpec, load_arrays, load_task_file
 
 # Not among the examples: rings (npz, classification) and a sine regression (csv), two models,
 # a custom loss for the regression, scaled inputs and initial weights.

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 import mpbackprop as mp
 from mpbackprop import _json as strict_json
 from mpbackprop._io import replace_section
+from mpbackprop.engine import InnerStep
 from mpbackprop.device import DEVICES, DeviceError, check_kernels, synchronize
 from mpbackprop.device import resolve as resolve_device
-from mpbackprop.inner_step import InnerStep
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, kernels, load_rule, rule_path
 
 class _SmallConvNet(nn.Module):

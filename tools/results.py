@@ -96,7 +96,7 @@ A_START, A_END = "<!-- analysis:start -->", "<!-- analysis:end -->"
 
 def _analysis(args: argparse.Namespace, rel: Path) -> list[str]:
     """``mpbackprop analyze`` of the rule on the family's first held-out task, as README text."""
-    from mpbackprop import analysis
+    from mpbackprop.evaluation import analysis
     from mpbackprop.tasks import get_family
 
     out = Path(args.out) / "analysis"

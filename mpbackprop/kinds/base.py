@@ -32,8 +32,8 @@ from torch import Tensor
 from .._quiet import ops
 
 if TYPE_CHECKING:  # the registry sits below layers/views/compiler in the import graph
-    from ..layers import Layer
-    from ..views import LayerView
+    from ..graph.layers import Layer
+    from ..graph.views import LayerView
 
 __all__ = ["LayerEdges", "Coefficients", "BlockInput", "BlockGrad", "ForwardContext", "Kind", "WeightedKind",
            "FixedKind", "select_kernel", "SCALAR", "DIAGONAL", "FULL"]

@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..losses import LOSSES, resolve_loss
+from ..engine.losses import LOSSES, resolve_loss
 from ..rules import BackwardRule, ScheduledUpdate, UpdateRule
 from ..rules.learned import _EPS, _tanh
 from ..rules.scheduled import _BETA2, _DECAYS, cosine_schedule

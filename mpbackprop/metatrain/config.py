@@ -80,7 +80,7 @@ class MetaConfig:
         Start each task slot's first inner run at a random step of its horizon (run there with the
         initial rule, without gradients), so the slots are out of phase from the first outer step.
     task_file, task_sha256 : str, optional
-        A task file (:mod:`mpbackprop.taskfile`) whose family is the run's (``family`` is then its name),
+        A task file (:mod:`mpbackprop.tasks.taskfile`) whose family is the run's (``family`` is then its name),
         stored as an absolute path, and the fingerprint of the file and its data; a run refuses to
         continue, or be evaluated, with a file that has moved or changed.
     eval_multiples : tuple of int
@@ -149,7 +149,7 @@ class MetaConfig:
         """Run the task file (``ValueError`` when it is missing, broken, or differs from ``task_sha256``);
         record its absolute path and fingerprint, and take its family."""
         from ..errors import TaskFileError
-        from ..taskfile import load_task_file
+        from ..tasks.taskfile import load_task_file
 
         if not isinstance(self.task_file, str) or not self.task_file:
             raise ValueError(f"task_file must be the path of a task file (got {_show(self.task_file)})")
@@ -261,7 +261,7 @@ def _family(v: Any) -> str:
 
 
 def _families() -> list[str]:
-    from ..tasks import FAMILIES  # tasks pulls in the engine: imported only when a config is checked
+    from ..tasks.registry import FAMILIES  # tasks pulls in the engine: imported only when a config is checked
 
     return list(FAMILIES)
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..rules import BackwardRule, UpdateRule
-from ..tasks import TaskFamily
+from ..tasks.registry import TaskFamily
 from .config import MetaConfig
 from .distributed import Workers
 from .batched import perturbed, unroll_copies

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..inner_step import InnerStep
+from ..engine.inner_step import InnerStep
 from ..rules import BackwardRule, UpdateRule
-from ..tasks import ON_FORGET, Task, TaskSpec
+from ..tasks.registry import ON_FORGET, Task, TaskSpec
 
 __all__ = ["InnerState", "new_inner", "unroll", "step_weight", "UnrollResult"]
 

@@ -45,7 +45,7 @@ from .._json import dump_line, finite_or_none, sanitize
 from ..errors import GraphFileError, first_line
 from ..rules import BackwardRule, Exact, LearnedBackward, LearnedUpdate, ScheduledUpdate, UpdateRule, save_rule
 from ..rules.io import load_matching_state
-from ..tasks import TaskSpec, get_family
+from ..tasks.registry import TaskSpec, get_family
 from .config import MetaConfig
 from .distributed import WorkerFailure, Workers
 from .estimators import Estimator, make_estimator

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..layers import Layer
+from ..graph.layers import Layer
 
 __all__ = ["BackwardRule", "UpdateRule", "NodeContext", "LayerContext", "UpdateContext", "UpdateHistory"]
 

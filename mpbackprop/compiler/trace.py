@@ -2,7 +2,7 @@
 
 The module is traced with :mod:`torch.fx`, so ``nn.Sequential`` and hand-written
 ``forward`` methods compile alike, in module and functional form. The walk over
-the traced graph turns every supported operation into a :class:`~mpbackprop.layers.Layer`
+the traced graph turns every supported operation into a :class:`~mpbackprop.graph.layers.Layer`
 plus its edges:
 
 * layer modules and functions: the registered kind that traces them (:mod:`mpbackprop.kinds`, one
@@ -32,12 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import Activation
+from ..graph.activations import Activation
 from .budget import GraphTooLargeError, check_budget, estimate
-from .errors import MPBackpropError, ShapeError, UnsupportedOpError
-from . import kinds as _kinds
-from .kinds import LayerEdges, supported_text
-from .layers import Layer, ParamTensor
+from ..errors import MPBackpropError, ShapeError, UnsupportedOpError
+from .. import kinds as _kinds
+from ..kinds import LayerEdges, supported_text
+from ..graph.layers import Layer, ParamTensor
 from .tracecheck import MutationWatch, check_autograd_semantics, grad_mode_meta
 
 __all__ = ["LayerEdges", "Trace", "check_input_shape", "trace_module", "SUPPORTED"]
@@ -147,7 +147,7 @@ class _Proxy(torch.fx.Proxy):
     ``torch.fx.Proxy`` has no ``__iadd__``, so ``h += g`` would be traced as ``h = h + g``; on a
     tensor it changes ``h`` in place, and whoever still holds the old ``h`` (``skip = h`` before
     it) sees the change. Recording ``operator.iadd`` lets the shape pass replay the mutation and
-    :class:`~mpbackprop.tracecheck.MutationWatch` refuse reads of the changed tensor.
+    :class:`~mpbackprop.compiler.tracecheck.MutationWatch` refuse reads of the changed tensor.
     """
 
 
@@ -164,7 +164,7 @@ for _name, _op in _INPLACE_OPERATORS.items():
 class _Tracer(torch.fx.Tracer):
     """``torch.fx`` tracer that records source lines for error messages, augmented assignment as
     in-place operators, and per node the grad mode and enclosing ``autograd.Function`` it was
-    created under (:func:`~mpbackprop.tracecheck.grad_mode_meta`)."""
+    created under (:func:`~mpbackprop.compiler.tracecheck.grad_mode_meta`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,7 +182,7 @@ class _Tracer(torch.fx.Tracer):
 #: Frames under these directories are library code, never the user's (compared by real path,
 #: so a user project in a folder that happens to be called ``torch`` or ``mpbackprop`` still counts).
 _TORCH_DIR = os.path.join(os.path.realpath(os.path.dirname(torch.__file__)), "")
-_PACKAGE_DIR = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
+_PACKAGE_DIR = os.path.join(os.path.realpath(os.path.dirname(os.path.dirname(__file__))), "")  # mpbackprop/
 
 
 #: Frames of the tracer's own methods that torch.fx calls while the model's line runs (callees, not callers).
@@ -267,7 +267,7 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
 class _ShapeRecorder(torch.fx.Interpreter):
     """Runs the traced module once, storing each node's output in ``node.meta['value']``.
 
-    A :class:`~mpbackprop.tracecheck.MutationWatch` runs alongside and refuses reads of tensors
+    A :class:`~mpbackprop.compiler.tracecheck.MutationWatch` runs alongside and refuses reads of tensors
     that an in-place operation changed after they were computed.
     """
 
@@ -630,8 +630,8 @@ def trace_module(model: nn.Module, input_shape: tuple[int, ...]) -> Trace:
     """Trace ``model`` on inputs of per-sample shape ``input_shape`` into blocks and edges.
 
     Before any edge is built the traced graph is checked: operations whose gradient the graph
-    would not reproduce (:mod:`mpbackprop.tracecheck`) are refused, the output must be a vector
-    per sample, and the graph's estimated memory must fit the limit (:mod:`mpbackprop.budget`).
+    would not reproduce (:mod:`mpbackprop.compiler.tracecheck`) are refused, the output must be a vector
+    per sample, and the graph's estimated memory must fit the limit (:mod:`mpbackprop.compiler.budget`).
 
     Raises
     ------

@@ -12,7 +12,7 @@ its own range), so a held-out task is never seen in meta-training.
 Datasets, architectures and families live in one registry (:data:`DATASETS`, :data:`ARCHS`,
 :data:`FAMILIES`, filled by :func:`register_dataset`, :func:`register_arch`,
 :func:`register_family`); the built-in ones are entries like any other, and task files
-(:mod:`mpbackprop.taskfile`) add theirs the same way.
+(:mod:`mpbackprop.tasks.taskfile`) add theirs the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .losses import LossFn
-from .network import CompiledNetwork, compile
+from ..engine.losses import LossFn
+from ..graph.network import CompiledNetwork, compile
 
 __all__ = ["TaskSpec", "Task", "TaskFamily", "FAMILIES", "get_family", "DATASETS", "ARCHS", "load_dataset",
            "register_dataset", "register_arch", "register_family", "forget"]
@@ -91,7 +91,7 @@ def _teacher(seed: int, n: int = 1200, dim: int = 8, out: int = 2):
 
 # ----------------------------------------------------------------------------- the registry
 # One registry of datasets and architectures: the built-in families below and task files
-# (:mod:`mpbackprop.taskfile`) add entries through the same two functions.
+# (:mod:`mpbackprop.tasks.taskfile`) add entries through the same two functions.
 
 #: Dataset name → (per-sample input shape, kind).
 DATASETS: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -310,7 +310,7 @@ class Task:
 
     def evaluate(self, theta: Tensor, max_examples: int | None = None) -> tuple[Tensor, Tensor]:
         """Validation ``(loss, accuracy)`` at ``theta`` (accuracy NaN for regression); differentiable."""
-        from .losses import resolve_loss
+        from ..engine.losses import resolve_loss
 
         x, y = self.valid.x, self.valid.y
         if max_examples is not None:
@@ -340,7 +340,7 @@ class TaskFamily:
     members: tuple[str, ...] = ()  # a mixture: draw a member family first, then its task
     augment: bool = False  # task augmentation (wider nets, input and initial-weight rescaling)
     augment_depth: bool = False  # with augment: also 4x wider and 2x deeper MLPs (see _deepened)
-    # task files (mpbackprop.taskfile): architectures drawn per task, in place of arch/widths/activations;
+    # task files (mpbackprop.tasks.taskfile): architectures drawn per task, in place of arch/widths/activations;
     # log-uniform ranges of the input and initial-weight scales; the file and its fingerprint
     archs: tuple[str, ...] = ()
     scales: dict[str, tuple[float, float]] = field(default_factory=dict)

@@ -6,7 +6,7 @@
 count, the stated run length ``total_steps`` and where batches come from. :meth:`InnerStep.step`
 calls :func:`~mpbackprop.engine.train_step` once and keeps what it returned. The
 :class:`~mpbackprop.Trainer`, evaluation (:func:`~mpbackprop.evaluation.run_method`), the analysis
-(:func:`~mpbackprop.analysis.analyze`) and ``tools/bench.py`` all train through it, so they run the
+(:func:`~mpbackprop.evaluation.analysis.analyze`) and ``tools/bench.py`` all train through it, so they run the
 same step with the same inputs.
 
 Whether the step stays on the autograd graph of the rules' meta-parameters is the explicit
@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .engine import StepResult, train_step
+from .backward import StepResult, train_step
 from .losses import LossFn
-from .network import CompiledNetwork
-from .rules.base import BackwardRule, UpdateHistory, UpdateRule
+from ..graph.network import CompiledNetwork
+from ..rules.base import BackwardRule, UpdateHistory, UpdateRule
 
 __all__ = ["InnerStep", "Batches"]
 

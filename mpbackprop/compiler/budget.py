@@ -22,8 +22,8 @@ import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import MPBackpropError
-from .kinds import Kind, for_function, for_method, for_module
+from ..errors import MPBackpropError
+from ..kinds import Kind, for_function, for_method, for_module
 
 __all__ = ["ENV_VAR", "DEFAULT_LIMIT_GB", "GraphEstimate", "GraphTooLargeError", "check_budget", "estimate",
            "limit_gb"]

@@ -36,7 +36,7 @@ import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import UnsupportedOpError
+from ..errors import UnsupportedOpError
 
 __all__ = ["MutationWatch", "check_autograd_semantics", "enclosing_autograd_function", "grad_mode_meta"]
 

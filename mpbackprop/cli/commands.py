@@ -1,6 +1,6 @@
 """The ``mpbackprop`` command line.
 
-``mpbackprop compile MODEL.py`` turns a model file (see :mod:`mpbackprop.modelfile`) into a
+``mpbackprop compile MODEL.py`` turns a model file (see :mod:`mpbackprop.compiler.modelfile`) into a
 saved graph; ``mpbackprop inspect FILE`` describes one. Global options come before the
 subcommand (``mpbackprop --seed 3 compile ...``); every option can also be set through an
 environment variable ``MPBACKPROP_<OPTION>`` (``MPBACKPROP_SEED=3``,
@@ -34,19 +34,19 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from . import __version__
-from ._io import atomic_write, is_disk_full
-from ._json import dumps
-from .errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError, first_line
-from .device import DEVICES
-from .evaluation_run import SUITE_CHOICES
-from .exports import FORMATS
-from .limits import MAX_META_SEED, MAX_SEED, MAX_THREADS
-from .losses import LOSSES
-from .metatrain.config import CHOICES, MetaConfig
+from .. import __version__
+from .._io import atomic_write, is_disk_full
+from .._json import dumps
+from ..errors import ModelFileError, MPBackpropError, ShapeError, UnsupportedOpError, first_line
+from ..evaluation.run import SUITE_CHOICES
+from ..graph.exports import FORMATS
+from ..limits import MAX_META_SEED, MAX_SEED, MAX_THREADS
+from ..engine.losses import LOSSES
+from ..metatrain.config import CHOICES, MetaConfig
+from ..device import DEVICES
 from .tables import shape_text
-from .tasks import FAMILIES
-from .verify import DTYPES, RULES
+from ..tasks.registry import FAMILIES
+from ..evaluation.verify import DTYPES, RULES
 
 __all__ = ["main", "CLIError", "CLIState", "report_errors", "ShapeParam", "FORMATS", "IntBetween", "SEED", "META_SEED",
            "THREADS", "PositiveFloat", "PlotFile", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
@@ -288,14 +288,14 @@ class PlotFile(click.Path):
 
 
 class ShapeParam(click.ParamType):
-    """A per-sample shape such as ``1,8,8`` (see :func:`mpbackprop.modelfile.parse_shape`)."""
+    """A per-sample shape such as ``1,8,8`` (see :func:`mpbackprop.compiler.modelfile.parse_shape`)."""
 
     name = "SHAPE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
         if isinstance(value, tuple):
             return value
-        from .modelfile import parse_shape
+        from ..compiler.modelfile import parse_shape
 
         try:
             return parse_shape(value)
@@ -310,8 +310,8 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 def _about(model_path: Path, shape: tuple[int, ...]) -> Any:
     """Prefix compiler errors with the model file and input shape they concern; while the model's
     code runs, what it prints goes to stderr (stdout may be JSON)."""
-    from .budget import GraphTooLargeError
-    from .modelfile import model_output_to_stderr
+    from ..compiler.budget import GraphTooLargeError
+    from ..compiler.modelfile import model_output_to_stderr
 
     try:
         with model_output_to_stderr():
@@ -392,8 +392,8 @@ pass differs from the module's on a random input.
 def compile_cmd(model_path: Path, output: Path | None, input_shape: tuple[int, ...] | None, attr: str | None,
                 format_: str | None) -> None:
     import mpbackprop
-    from .exports import output_format, write
-    from .modelfile import load_model
+    from ..graph.exports import output_format, write
+    from ..compiler.modelfile import load_model
     from .tables import compile_lines
 
     out, fmt = output_format(output, format_, model_path)
@@ -425,12 +425,12 @@ def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) ->
     Prints node counts per type, edge counts per canonical edge type and the layer table (with
     the number of frozen parameters per layer when there are any).
     """
-    from .exports import load_any
+    from ..graph.exports import load_any
     from .tables import inspect_lines
 
     net = load_any(file)
     if plot is not None:
-        from .plotting import check_plot_size
+        from ..graph.plotting import check_plot_size
 
         check_plot_size(net, max_nodes)
     summary = net.summary()
@@ -440,7 +440,7 @@ def inspect_cmd(file: Path, as_json: bool, plot: Path | None, max_nodes: int) ->
         for line in inspect_lines(summary, str(file)):
             click.echo(line)
     if plot is not None:
-        from .plotting import plot_network
+        from ..graph.plotting import plot_network
 
         plot_network(net, plot, max_nodes=max_nodes, title=file.stem)
         # with --json, stdout stays pure JSON
@@ -475,8 +475,8 @@ def verify_cmd(ctx: click.Context, model_path: Path, input_shape: tuple[int, ...
     """
     import torch
 
-    from .modelfile import load_model
-    from .verify import verify
+    from ..compiler.modelfile import load_model
+    from ..evaluation.verify import verify
 
     model, shape = load_model(model_path, attr=attr, input_shape=input_shape)
     seed = ctx.find_object(CLIState).seed if ctx.find_object(CLIState) else 0
@@ -564,7 +564,7 @@ def _global_seed_for_meta_train(parent: click.Context) -> int:
               help="JSON file of MetaConfig fields; flags given on the command line win.")
 @click.option("--family", default=None, help=f"Task family: {', '.join(FAMILIES)} {_default('family')}.")
 @click.option("--task", "task_file", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
-              help="A task file (your datasets and models, see mpbackprop.taskfile): its family is the run's; "
+              help="A task file (your datasets and models, see mpbackprop.tasks.taskfile): its family is the run's; "
                    "the run records its path and fingerprint.")
 @click.option("--estimator", type=click.Choice(CHOICES["estimator"]), default=None,
               help=f"Meta-gradient estimator {_default('estimator')}.")
@@ -606,9 +606,9 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
                    threads: int, progress: bool, tb_dir: Path | None, **flags: Any) -> None:
     import torch
 
-    from .metatrain import MetaTrainer
-    from .metatrain.config import asked_settings, default_run_dir
-    from .metatrain.distributed import from_environment
+    from ..metatrain import MetaTrainer
+    from ..metatrain.config import asked_settings, default_run_dir
+    from ..metatrain.distributed import from_environment
 
     torch.set_num_threads(threads)
     parent = ctx.parent
@@ -633,7 +633,7 @@ def meta_train_cmd(ctx: click.Context, config_path: Path | None, out: Path | Non
                        + (f" (resuming at step {trainer.step})" if resume else ""), err=True)
         tb = None
         if tb_dir is not None and workers.is_writer:
-            from .tensorboard import TensorBoard
+            from ..evaluation.tensorboard import TensorBoard
 
             tb = TensorBoard(tb_dir)
         summary = trainer.run(progress=progress and workers.is_writer, on_step=tb.meta_step if tb else None)
@@ -700,9 +700,9 @@ def evaluate_cmd(rule: str, family: str | None, task_file: Path | None, suite: s
     """
     import torch
 
-    from . import evaluation_run as er
-    from .device import resolve as resolve_device
-    from .evaluation import resolve_rule
+    from ..evaluation import run as er
+    from ..evaluation.protocol import resolve_rule
+    from ..device import resolve as resolve_device
 
     torch.set_num_threads(threads)
     resolve_device(device)  # an unavailable device: one line before anything runs
@@ -760,10 +760,10 @@ def analyze_cmd(ctx: click.Context, rule: str, family: str | None, task_file: Pa
     """
     import torch
 
-    from . import analysis
-    from .device import resolve as resolve_device
-    from .evaluation_run import task_family
-    from .tasks import get_family
+    from ..evaluation import analysis
+    from ..evaluation.run import task_family
+    from ..tasks.registry import get_family
+    from ..device import resolve as resolve_device
 
     if message_step is not None and message_step > steps:
         raise CLIError(f"--message-step {message_step} is after the last step; allowed: 1..{steps} (--steps {steps})")

@@ -1,7 +1,7 @@
 """The compiler's safety net: the compiled forward pass must equal the module's on a random input.
 
 :func:`check_forward` runs once per :func:`mpbackprop.compile`. The static checks of the
-compiler and :mod:`mpbackprop.tracecheck` refuse everything known to make the graph differ from
+compiler and :mod:`mpbackprop.compiler.tracecheck` refuse everything known to make the graph differ from
 the module; this catches what they do not know about (a forward hook that changes an output, an
 operation whose traced form differs from what it runs). It draws a batch of two samples from a
 private generator (the global RNG is not touched), runs the module with its parameters and
@@ -20,8 +20,8 @@ import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import UnsupportedOpError
-from .kinds import compiled_modes
+from ..errors import UnsupportedOpError
+from ..kinds import compiled_modes
 
 __all__ = ["ForwardMismatchError", "check_forward", "TOLERANCE"]
 

@@ -1,7 +1,7 @@
 """The JSON and GraphML exports of a compiled network (``mpbackprop compile --format json|graphml``),
 and reading every format back (``mpbackprop inspect``, :func:`mpbackprop.load`).
 
-Both exports carry everything needed to rebuild the :class:`~mpbackprop.network.CompiledNetwork`:
+Both exports carry everything needed to rebuild the :class:`~mpbackprop.graph.network.CompiledNetwork`:
 the layer metadata (``network`` / graph attribute ``metadata``), the node features and every
 edge in edge-id order. JSON holds every canonical edge type; GraphML leaves the reverse types
 out (each is its forward type reversed, same edge ids and coefficients) and splits the
@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._io import atomic_write
-from ._json import dumps
-from ._quiet import dgl
-from .errors import GraphFileError
-from .graph import NEURON, PARAM
+from .._io import atomic_write
+from .._json import dumps
+from .._quiet import dgl
+from ..errors import GraphFileError
+from .schema import NEURON, PARAM
 from .layers import Layer
 from .network import CompiledNetwork
 

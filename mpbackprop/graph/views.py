@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._quiet import dgl
-from .graph import NEURON
+from .._quiet import dgl
+from .schema import NEURON
 from .layers import Layer
 
 __all__ = ["LayerView", "build_views"]

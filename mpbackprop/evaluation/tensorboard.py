@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import MPBackpropError
+from ..errors import MPBackpropError
 
 __all__ = ["TensorBoard"]
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .device import check_kernels, resolve
+from ..device import check_kernels, resolve
 from .inner_step import InnerStep
 from .losses import LossFn, resolve_loss
-from .network import CompiledNetwork, compile
-from .rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update, rule_path
+from ..graph.network import CompiledNetwork, compile
+from ..rules import BackwardRule, UpdateRule, load_rule, make_backward, make_update, rule_path
 
 __all__ = ["Trainer"]
 

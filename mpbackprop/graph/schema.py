@@ -31,8 +31,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._quiet import dgl
-from .compiler import Trace
+from .._quiet import dgl
+from ..compiler.trace import Trace
 from .layers import KINDS, Layer, ParamTensor
 
 __all__ = ["build_heterograph", "frozen_feature", "tensor_table", "NEURON", "PARAM"]

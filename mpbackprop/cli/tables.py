@@ -116,7 +116,7 @@ def compile_lines(net: Any, model_path: Path, model: Any, out: Path, fmt: str, e
 
 
 def verify_lines(report: Any, model_path: Path, rule: str, dtype: str, batch: int) -> list[str]:
-    """What ``mpbackprop verify`` prints for a :class:`~mpbackprop.verify.VerifyReport`."""
+    """What ``mpbackprop verify`` prints for a :class:`~mpbackprop.evaluation.verify.VerifyReport`."""
     lines = [f"{model_path}: rule {rule}, {dtype}, batch {batch}, loss {report.loss}"]
     frozen = report.frozen_params > 0
     rows = [[r["layer"], r["name"], r["kind"], r["params"], *([r["frozen"]] if frozen else []),
@@ -130,7 +130,7 @@ def verify_lines(report: Any, model_path: Path, rule: str, dtype: str, batch: in
 
 
 def analyze_lines(doc: dict[str, Any], steps: int) -> list[str]:
-    """What ``mpbackprop analyze`` prints for :func:`mpbackprop.analysis.report`'s document."""
+    """What ``mpbackprop analyze`` prints for :func:`mpbackprop.evaluation.analysis.report`'s document."""
     lines = []
     for r in doc["rules"]:
         lines.append(f"{r['rule']}: validation loss {r['val_loss'][-1]:.4f} after {steps} steps "

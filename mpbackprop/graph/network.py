@@ -25,16 +25,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._io import atomic_write
-from ._json import dumps
-from ._quiet import dgl
-from .compiler import check_input_shape, trace_module
-from .errors import GraphFileError, ShapeError
-from .graph import NEURON, PARAM, build_heterograph, frozen_feature, tensor_table
-from .kinds import ForwardContext
-from .kinds import get as _kind
+from .._io import atomic_write
+from .._json import dumps
+from .._quiet import dgl
+from ..compiler.trace import check_input_shape, trace_module
+from ..errors import GraphFileError, ShapeError
+from .schema import NEURON, PARAM, build_heterograph, frozen_feature, tensor_table
+from ..kinds import ForwardContext
+from ..kinds import get as _kind
 from .layers import Layer, ParamTensor
-from .selfcheck import check_forward
+from ..compiler.selfcheck import check_forward
 from .views import LayerView, build_views
 
 __all__ = ["CompiledNetwork", "ForwardRecord", "compile", "load"]
@@ -97,7 +97,7 @@ class CompiledNetwork:
     Parameters
     ----------
     graph : DGLGraph
-        The heterograph (node types ``neuron`` and ``param``; schema in :mod:`mpbackprop.graph`).
+        The heterograph (node types ``neuron`` and ``param``; schema in :mod:`mpbackprop.graph.schema`).
     layers : list of Layer
         Block metadata, block 0 being the input.
     input_shape : tuple of int
@@ -406,9 +406,9 @@ def compile(model: nn.Module, example_input: Tensor | tuple[int, ...]) -> Compil
     """Compile ``model`` into a :class:`CompiledNetwork`.
 
     Operations whose gradient the graph would not reproduce are refused while tracing
-    (:mod:`mpbackprop.tracecheck`), a graph over the memory limit before it is built
-    (:mod:`mpbackprop.budget`), and the compiled forward pass is checked against the module on a
-    seeded random batch in float64 (:mod:`mpbackprop.selfcheck`; neither the global RNG nor the
+    (:mod:`mpbackprop.compiler.tracecheck`), a graph over the memory limit before it is built
+    (:mod:`mpbackprop.compiler.budget`), and the compiled forward pass is checked against the module on a
+    seeded random batch in float64 (:mod:`mpbackprop.compiler.selfcheck`; neither the global RNG nor the
     module's parameters are touched). Parameters with ``requires_grad=False`` are compiled as
     frozen (``param`` feature ``frozen``): training never changes them.
 
@@ -438,7 +438,7 @@ def compile(model: nn.Module, example_input: Tensor | tuple[int, ...]) -> Compil
 
 def load(path: str | os.PathLike) -> CompiledNetwork:
     """Load a compiled network saved with :meth:`CompiledNetwork.save` (``compile --format dgl``) or
-    exported with ``compile --format json|graphml`` (:mod:`mpbackprop.exports`)."""
+    exported with ``compile --format json|graphml`` (:mod:`mpbackprop.graph.exports`)."""
     from .exports import load_any  # exports builds on this module
 
     return load_any(path)

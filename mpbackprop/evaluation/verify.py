@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .engine import signals
-from .kinds import compiled_modes
-from .losses import resolve_loss
-from .network import CompiledNetwork, compile
-from .rules import Exact, FeedbackAlignment
+from ..engine.backward import signals
+from ..kinds import compiled_modes
+from ..engine.losses import resolve_loss
+from ..graph.network import CompiledNetwork, compile
+from ..rules import Exact, FeedbackAlignment
 
 __all__ = ["verify", "TOLERANCES", "VerifyReport", "RULES", "DTYPES"]
 

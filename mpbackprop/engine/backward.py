@@ -15,7 +15,7 @@ One training step with a backward rule ``R`` and an update rule ``U``:
    the uses, ``copy_e_sum`` onto the weights through the ``in_L`` edges); biases
    ``mean_batch Σ b_j``. For the exact rule ``G[:, 0] = ∂L/∂θ``;
 5. update: ``θ, state ← U(θ, G, state, step)``; frozen parameters (``requires_grad=False``
-   when compiled, :attr:`~mpbackprop.network.CompiledNetwork.frozen_mask`) keep their values
+   when compiled, :attr:`~mpbackprop.graph.network.CompiledNetwork.frozen_mask`) keep their values
    and their update state bit for bit, whatever the rules.
 
 Each block's steps 3–4 are its kind's (:mod:`mpbackprop.kinds`): a DGL reference path and, for
@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._quiet import ops
-from .graph import NEURON, PARAM
-from .kinds import BlockInput, Coefficients, select_kernel
-from .kinds import get as kind_of
+from .._quiet import ops
+from ..graph.schema import NEURON, PARAM
+from ..kinds import BlockInput, Coefficients, select_kernel
+from ..kinds import get as kind_of
 from .losses import LossFn, resolve_loss
-from .network import CompiledNetwork, ForwardRecord
-from .rules.base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateHistory, UpdateRule
+from ..graph.network import CompiledNetwork, ForwardRecord
+from ..rules.base import BackwardRule, LayerContext, NodeContext, UpdateContext, UpdateHistory, UpdateRule
 
 __all__ = ["BackwardResult", "StepResult", "forward_and_seed", "backward", "train_step", "signals", "layer_depth",
            "layer_context"]

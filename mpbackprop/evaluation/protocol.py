@@ -42,14 +42,14 @@ from typing import Any, Callable
 
 import torch
 
-from . import _json as strict_json
-from ._io import atomic_write
-from .device import check_kernels, synchronize
-from .device import resolve as resolve_device
-from .inner_step import InnerStep
-from .metatrain.inner import get_task
-from .rules import SGD, Adam, BackwardRule, Exact, FeedbackAlignment, UpdateRule, kernels
-from .tasks import FAMILIES, TaskSpec, get_family
+from .. import _json as strict_json
+from .._io import atomic_write
+from ..engine.inner_step import InnerStep
+from ..metatrain.inner import get_task
+from ..rules import SGD, Adam, BackwardRule, Exact, FeedbackAlignment, UpdateRule, kernels
+from ..tasks.registry import FAMILIES, TaskSpec, get_family
+from ..device import check_kernels, synchronize
+from ..device import resolve as resolve_device
 
 __all__ = ["METHODS", "SUITES", "RunCurve", "run_method", "tune_lr", "evaluate", "suite_tasks", "ci95", "curve_band", "is_diverged",
            "plot_curves", "picture_format"]
@@ -473,7 +473,7 @@ def plot_curves(results: list[TaskResult], path: Path, methods: tuple[str, ...] 
 
 def resolve_rule(name: str | Path) -> tuple[BackwardRule, UpdateRule, Path]:
     """A rule from a meta-training directory (its ``best.pt``), a ``.pt`` file, or ``default``."""
-    from .rules import load_rule, rule_path
+    from ..rules import load_rule, rule_path
 
     path = rule_path(name)
     backward, update, _ = load_rule(path)

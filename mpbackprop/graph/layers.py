@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .activations import IDENTITY, Activation
-from .kinds import KIND_NAMES, REGISTRY
+from ..kinds import KIND_NAMES, REGISTRY
 
 __all__ = ["ParamTensor", "Layer", "KINDS", "WEIGHTED_KINDS", "FIXED_KINDS"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import MPBackpropError
-from .graph import NEURON, PARAM
-from .kinds import REGISTRY
+from ..errors import MPBackpropError
+from .schema import NEURON, PARAM
+from ..kinds import REGISTRY
 
 __all__ = ["PlotError", "check_plot_size", "plot_network"]
 

@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .device import check_kernels
-from .device import resolve as resolve_device
-from .engine import layer_context
-from .inner_step import InnerStep
-from .kinds import Coefficients
-from .losses import resolve_loss
-from .network import CompiledNetwork
-from .rules import Adam, BackwardRule, UpdateContext, UpdateRule
+from ..engine.backward import layer_context
+from ..engine.inner_step import InnerStep
+from ..kinds import Coefficients
+from ..engine.losses import resolve_loss
+from ..graph.network import CompiledNetwork
+from ..rules import Adam, BackwardRule, UpdateContext, UpdateRule
+from ..device import check_kernels
+from ..device import resolve as resolve_device
 
 __all__ = ["LayerSeries", "Analysis", "analyze", "plot_alignment", "plot_curves"]
 
@@ -66,7 +66,7 @@ class Analysis:
     @property
     def diverged(self) -> bool:
         """Whether the run diverged (:func:`mpbackprop.evaluation.is_diverged` at some step)."""
-        from .evaluation import is_diverged
+        from .protocol import is_diverged
 
         return any(is_diverged(v) for v in self.val_loss)
 
@@ -96,7 +96,7 @@ def analyze(net: CompiledNetwork, theta: Tensor, batches: Any, evaluate: Any, ba
     """Train ``net`` from ``theta`` for ``steps`` steps and record the alignment series.
 
     ``batches()`` returns the next ``(x, y)``; ``evaluate(theta)`` the validation loss. The run is an
-    :class:`~mpbackprop.inner_step.InnerStep` (told ``total_steps = steps``), so the rule sees what it
+    :class:`~mpbackprop.engine.inner_step.InnerStep` (told ``total_steps = steps``), so the rule sees what it
     sees in training; the messages drawn at ``message_steps`` are computed from the coefficients of that
     step (the parameters and the update's history before its update, :func:`~mpbackprop.engine.layer_context`).
     """
@@ -165,7 +165,7 @@ def plot_alignment(analyses: list[Analysis], path: Path, key: str = "cos_to_grad
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     fig, axes = plt.subplots(1, len(analyses), figsize=(5.5 * len(analyses), 0.6 * len(analyses[0].layers) + 2.2),
                              squeeze=False)
@@ -190,7 +190,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     positive = False
@@ -239,10 +239,10 @@ def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, messag
     (:mod:`mpbackprop.device`; a rule needing the DGL reference path is refused before any run there)."""
     from dataclasses import replace
 
-    from .evaluation import resolve_rule, run_method, tune_lr
-    from .metatrain.inner import get_task
-    from .plotting import plot_network
-    from .rules import SGD, Exact, FeedbackAlignment
+    from .protocol import resolve_rule, run_method, tune_lr
+    from ..metatrain.inner import get_task
+    from ..graph.plotting import plot_network
+    from ..rules import SGD, Exact, FeedbackAlignment
 
     message_step = steps - 1 if message_step is None else message_step
     if not 0 <= message_step < steps:
@@ -275,8 +275,8 @@ def report(rule: str, spec: Any, steps: int, seed: int, out: Path | None, messag
            "rules": [a.to_json() for a in analyses], "adam_val_loss": adam_curve, "adam_diverged": adam_run.diverged}
     doc.update(analyses[0].to_json())  # the analysed rule's series at the top level
     if out is not None:
-        from . import _json as strict_json
-        from ._io import atomic_write
+        from .. import _json as strict_json
+        from .._io import atomic_write
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "analysis.json", lambda p: Path(p).write_text(strict_json.dumps(doc, indent=1)))

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import evaluation as ev
-from ._io import atomic_write
-from ._json import dumps
-from .errors import TaskFileError, first_line
-from .rules import BackwardRule, UpdateRule
+from . import protocol as ev
+from .._io import atomic_write
+from .._json import dumps
+from ..errors import TaskFileError, first_line
+from ..rules import BackwardRule, UpdateRule
 
 __all__ = ["TASK_FILE_SUITES", "SUITE_CHOICES", "task_family", "check_suite", "EvaluationRun", "run_suites", "write_results",
            "write_plots", "write_tensorboard", "report_lines"]
@@ -34,8 +34,8 @@ def task_family(family: str | None, task_file: Path | None, rule: str) -> str:
     """The family ``evaluate``/``analyze`` build tasks from: ``family``, else ``task_file``'s, else that of
     the task file a run directory ``rule`` recorded (checked against its fingerprint), else digits-mlp.
     Raises ``ValueError`` (one line) when they disagree or a task file cannot be used."""
-    from .metatrain.config import MetaConfig
-    from .taskfile import load_task_file
+    from ..metatrain.config import MetaConfig
+    from ..tasks.taskfile import load_task_file
 
     try:
         if task_file is not None:
