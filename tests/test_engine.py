@@ -101,7 +101,7 @@ def test_exact_rule_equals_autograd(name, dtype, loss):
     net = mp.compile(model, shape)
     x, y = _batch(net, dtype, loss)
     got, _ = signals(net, x, y, Exact(), loss)
-    ref = _reference(model, x, y, mp.losses.LOSSES[loss])
+    ref = _reference(model, x, y, mp.engine.LOSSES[loss])
     assert got.shape == (net.num_params, 1)
     if dtype == torch.float64:
         assert (got[:, 0] - ref).abs().max() <= 1e-10
