@@ -199,3 +199,32 @@ def test_the_correction_is_odd_in_the_gradient():
 
     assert torch.allclose(delta(signal), -delta(-signal), atol=1e-15)
     assert float(delta(torch.zeros_like(signal)).abs().max()) == 0.0
+
+
+def test_weight_decay_starts_where_asked_and_old_rule_files_keep_their_start(tmp_path):
+    import json
+
+    from mpbackprop.metatrain.config import MetaConfig
+    from mpbackprop.metatrain.loop import MetaTrainer
+
+    upd = ScheduledUpdate(weight_decay=True, weight_decay_init=0.1)
+    assert abs(math.exp(float(upd.log_wd)) - 0.1) < 1e-6
+    assert abs(math.exp(float(ScheduledUpdate(weight_decay=True).log_wd)) - 1e-4) < 1e-9  # the old start
+    with pytest.raises(ValueError, match="weight_decay_init"):
+        ScheduledUpdate(weight_decay=True, weight_decay_init=0.0)
+    save_rule(tmp_path / "r.pt", Exact(), upd)
+    assert abs(math.exp(float(load_rule(tmp_path / "r.pt")[1].log_wd)) - 0.1) < 1e-6
+    # a rule file written before the option: its config has no weight_decay_init
+    cfg = upd.config()
+    del cfg["weight_decay_init"]
+    assert ScheduledUpdate(**cfg).weight_decay_init == 1e-4
+    # the meta-training config carries it to the run's update; old config JSON reads as 1e-4
+    run_cfg = MetaConfig(weight_decay=True, weight_decay_init=0.1, outer_steps=1)
+    assert MetaConfig.from_json(json.loads(run_cfg.dumps())).weight_decay_init == 0.1
+    old = MetaConfig().to_json()
+    del old["weight_decay_init"]
+    assert MetaConfig.from_json(old).weight_decay_init == 1e-4
+    with pytest.raises(ValueError, match="weight_decay_init"):
+        MetaConfig(weight_decay_init=-1.0)
+    trainer = MetaTrainer(run_cfg, tmp_path / "run")
+    assert abs(math.exp(float(trainer.update.log_wd)) - 0.1) < 1e-6

@@ -63,8 +63,9 @@ class MetaConfig:
         correction, a step size scheduled over the run's stated length) or ``learned``
         (:class:`~mpbackprop.rules.LearnedUpdate`, the design of rules before it; ``update_init``,
         ``update_layers``, ``features`` and ``weight_input`` apply to it).
-    correction, weight_decay, horizon_exponent, horizon_init : float, bool, bool, float
-        Bound of the ``scheduled`` update's learned correction; whether it learns a decoupled weight decay;
+    correction, weight_decay, weight_decay_init, horizon_exponent, horizon_init : float, bool, float, bool, float
+        Bound of the ``scheduled`` update's learned correction; whether it learns a decoupled weight decay,
+        and where its ``λ`` starts (configs written before the option read as 1e-4, the start it had);
         whether it learns the exponent ``b`` of its peak step size in the stated horizon
         (``update_lr·(T/100)^{-b}``), and where ``b`` starts.
     learn_backward : bool
@@ -115,6 +116,7 @@ class MetaConfig:
     update_rule: str = "scheduled"
     correction: float = 0.5
     weight_decay: bool = False
+    weight_decay_init: float = 1e-4
     horizon_exponent: bool = True
     learn_backward: bool = False
     horizon_init: float = 0.6
@@ -330,6 +332,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "update_rule": _choice(*CHOICES["update_rule"]),
     "correction": _number(lambda v: 0 <= v <= 10, "a number in [0, 10]"),
     "weight_decay": (_flag, "true or false"),
+    "weight_decay_init": _POSITIVE,
     "horizon_exponent": (_flag, "true or false"),
     "learn_backward": (_flag, "true or false"),
     "horizon_init": _number(lambda v: -1 < v < 1, "a number in (-1, 1)"),
