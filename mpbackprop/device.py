@@ -17,7 +17,7 @@ import torch
 
 from .errors import MPBackpropError
 
-__all__ = ["DEVICES", "DeviceError", "resolve", "check_kernels", "reference_blocks", "synchronize"]
+__all__ = ["DEVICES", "DeviceError", "resolve", "check_kernels", "place", "reference_blocks", "synchronize"]
 
 #: Device names ``--device`` accepts (``cuda`` is the current CUDA device; the library also takes
 #: ``"cuda:N"`` and ``torch.device`` objects).
@@ -101,6 +101,17 @@ def check_kernels(net: Any, rule: Any, device: torch.device, fused: bool = True,
     raise DeviceError(f"block {shown} needs the DGL reference path with {why}, which runs on the CPU only "
                       f"(the PyPI DGL build has no CUDA); use --device cpu, or a rule and layers with a dense "
                       f"path on {torch.device(device).type}")
+
+
+def place(net: Any, theta: torch.Tensor, rule: Any, update: Any, device: torch.device,
+          fused: bool = True) -> tuple[torch.Tensor, Any, Any]:
+    """A run's parameters and rules on ``device``: :func:`check_kernels` first (nothing moves when it
+    refuses), then ``theta``, the backward ``rule`` and the ``update`` moved there. On the CPU they are
+    returned as given (no copy)."""
+    check_kernels(net, rule, device, fused, theta=theta)
+    if torch.device(device).type == "cpu":
+        return theta, rule, update
+    return theta.to(device), rule.to(device), update.to(device)
 
 
 def synchronize(device: torch.device) -> None:

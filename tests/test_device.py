@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import mpbackprop as mp
 from mpbackprop.cli import main
-from mpbackprop.device import DEVICES, DeviceError, check_kernels, reference_blocks, resolve
+from mpbackprop.device import DEVICES, DeviceError, check_kernels, place, reference_blocks, resolve
 from mpbackprop.engine import InnerStep
 from mpbackprop.metatrain.config import MetaConfig
 from mpbackprop.rules import Adam, load_rule, make_backward, make_update, rule_path
@@ -97,6 +97,10 @@ def test_reference_blocks() -> None:
     assert reference_blocks(conv, LearnedBackward(state_dim=2)) == ["0 (conv2d)"]  # d > 1: full coefficients
     assert len(reference_blocks(mlp, make_backward("exact"), fused=False)) == 2
     check_kernels(res, make_backward("exact"), torch.device("cpu"))  # the CPU runs every path
+    given = (mlp.values.clone(), make_backward("exact"), make_update("sgd"))
+    assert all(a is b for a, b in zip(place(mlp, *given, torch.device("cpu")), given))  # the CPU: no copy
+    with pytest.raises(DeviceError, match="add \\(add\\)"):
+        place(res, res.values.clone(), make_backward("exact"), make_update("sgd"), torch.device("meta"))
 
 
 def test_dgl_path_refused_before_anything_moves() -> None:
@@ -127,8 +131,9 @@ def test_dense_path_keeps_to_its_device(model, shape: tuple[int, ...], rule: str
     else:
         backward, upd = make_backward(rule), make_update(update)
     dev = torch.device("meta")
-    check_kernels(net, backward, dev)
-    run = InnerStep.start(net, net.values.clone().to(dev), backward.to(dev), upd.to(dev), total_steps=10)
+    theta, backward, upd = place(net, net.values.clone(), backward, upd, dev)
+    assert theta.device == dev and all(p.device == dev for p in [*backward.parameters(), *upd.parameters()])
+    run = InnerStep.start(net, theta, backward, upd, total_steps=10)
     for _ in range(2):
         result = run.step(torch.randn(4, *shape), torch.randint(0, 3, (4,)))  # a CPU batch, moved by step()
     assert result.theta.device == dev and all(v.device == dev for v in run.opt_state.values())

@@ -38,7 +38,7 @@ import mpbackprop as mp
 from mpbackprop import _json as strict_json
 from mpbackprop._io import replace_section
 from mpbackprop.engine import InnerStep
-from mpbackprop.device import DEVICES, DeviceError, check_kernels, synchronize
+from mpbackprop.device import DEVICES, DeviceError, place, synchronize
 from mpbackprop.device import resolve as resolve_device
 from mpbackprop.rules import SGD, Exact, FeedbackAlignment, kernels, load_rule, rule_path
 
@@ -81,8 +81,8 @@ def _autograd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> Callab
 
 def _engine_step(net, rule, update, x, y, fused: str = "off") -> Callable[[], None]:
     device = x.device
-    check_kernels(net, rule, device)
-    inner = InnerStep.start(net, net.values.clone().to(device), rule.to(device), update.to(device), total_steps=1000)
+    theta, rule, update = place(net, net.values.clone(), rule, update, device)
+    inner = InnerStep.start(net, theta, rule, update, total_steps=1000)
 
     def run() -> None:
         kernels.set_mode(fused)

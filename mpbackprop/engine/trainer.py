@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..device import check_kernels, resolve
+from ..device import place, resolve
 from .inner_step import InnerStep
 from .losses import LossFn, resolve_loss
 from ..graph.network import CompiledNetwork, compile
@@ -145,12 +145,9 @@ class Trainer:
     def _bind(self, x: Tensor) -> None:
         net = compile(self.model, x)
         theta = net.read_from(self.model).clone()
-        check_kernels(net, self.rule, self.device, theta=theta)  # before anything moves
+        theta, _, _ = place(net, theta, self.rule, self.update, self.device)  # checked before anything moves
         if self.device.type != "cpu":
-            theta = theta.to(self.device)
             self.model.to(self.device)  # buffers; the parameters become views of theta below
-            self.rule.to(self.device)
-            self.update.to(self.device)
         for p in net.tensors:  # module parameters become views of theta
             self.model.get_parameter(p.path).data = theta[p.offset:p.stop].view(p.shape)
         generator = None

@@ -48,7 +48,7 @@ from ..engine.inner_step import InnerStep
 from ..metatrain.inner import get_task
 from ..rules import SGD, Adam, BackwardRule, Exact, FeedbackAlignment, UpdateRule, kernels
 from ..tasks.registry import FAMILIES, TaskSpec, get_family
-from ..device import check_kernels, synchronize
+from ..device import place, synchronize
 from ..device import resolve as resolve_device
 
 __all__ = ["METHODS", "SUITES", "RunCurve", "run_method", "tune_lr", "evaluate", "suite_tasks", "ci95", "curve_band", "is_diverged",
@@ -132,10 +132,7 @@ def run_method(spec: TaskSpec, method: str, steps: int, seed: int, rule: tuple[B
     run_spec = replace(spec, init_seed=spec.init_seed + seed)
     task = get_task(run_spec)
     backward, update = _method_rules(method, rule, lr, seed)
-    theta = task.theta0.clone()
-    if dev.type != "cpu":
-        check_kernels(task.net, backward, dev, theta=theta)
-        theta, backward, update = theta.to(dev), backward.to(dev), update.to(dev)
+    theta, backward, update = place(task.net, task.theta0.clone(), backward, update, dev)
     gen = task.batch_generator(seed)  # same batches for every method of this seed
     run = InnerStep.start(task.net, theta, backward, update, total_steps=steps,
                           batches=lambda: task.batch(gen), loss=task.loss)
