@@ -223,7 +223,10 @@ def test_weight_decay_starts_where_asked_and_old_rule_files_keep_their_start(tmp
     assert MetaConfig.from_json(json.loads(run_cfg.dumps())).weight_decay_init == 0.1
     old = MetaConfig().to_json()
     del old["weight_decay_init"]
-    assert MetaConfig.from_json(old).weight_decay_init == 1e-4
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert MetaConfig.load_run(tmp_path / "old.json").weight_decay_init == 1e-4  # a run's own config
+    assert MetaConfig.load_run(tmp_path / "old.json").weight_decay  # as written
+    assert MetaConfig.from_json(old).weight_decay_init == 0.1  # a user's config file: the recipe's start
     with pytest.raises(ValueError, match="weight_decay_init"):
         MetaConfig(weight_decay_init=-1.0)
     trainer = MetaTrainer(run_cfg, tmp_path / "run")

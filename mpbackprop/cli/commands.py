@@ -535,7 +535,8 @@ Meta-train the learned backward + update rule (method.md §4).
 With no options: the default recipe (MetaConfig): family {_RECIPE.family}, estimator {_RECIPE.estimator},
 {_RECIPE.outer_steps} outer steps of {_RECIPE.tasks_per_step} tasks, each task's horizon T drawn
 log-uniformly from {_RECIPE.unroll[0]} to {_RECIPE.unroll[1]} inner steps and run {_RECIPE.truncation} steps
-per outer step, the {_RECIPE.update_rule} update. The options' defaults are the recipe's; with --resume, the
+per outer step, the {_RECIPE.update_rule} update (peak rate {_RECIPE.update_lr}, learned weight decay
+{'from ' + str(_RECIPE.weight_decay_init) if _RECIPE.weight_decay else 'off'}). The options' defaults are the recipe's; with --resume, the
 run's own. Writes config.json, rule.pt (latest), best.pt (best on the meta-validation tasks: the mean over
 {_times(_RECIPE.eval_multiples)} x {_RECIPE.eval_horizon} steps of the mean log validation loss, each run
 told its length), state.pt, metrics.jsonl and meta_loss.png to the run directory, which one run at a time

@@ -24,8 +24,9 @@ correction, and a step size from a schedule relative to the run's stated length.
   reference horizon. The schedule is kept apart from the learned direction, as in Celo: the learned part can
   turn the direction, not blow up the step. On four validation-split tasks (digits, wine, breast cancer)
   the best peak rate of cosine-scheduled Adam (floor 0.1) fell from 0.018–0.032 at T = 100 to
-  0.0032–0.0056 at T = 1000, i.e. ``b`` of 0.5–1: the meta-training recipe starts at ``lr = 0.02``,
-  ``b = 0.6`` (:class:`~mpbackprop.metatrain.MetaConfig`).
+  0.0032–0.0056 at T = 1000, i.e. ``b`` of 0.5–1: the first long-horizon recipes started at ``lr = 0.02``,
+  ``b = 0.6``; the recipe since v7 starts at twice that rate with weight decay 0.1
+  (:class:`~mpbackprop.metatrain.MetaConfig`; the convnets underfit at 0.02).
 * **width** — per tensor, weights (not biases) get ``(fan_in/64)^{-p}`` with a learned exponent ``p``
   (bounded in (−1, 1); μP's value for Adam is 1, Yang et al., 2022; μLO, Thérien et al., 2024), so the
   step of a wider layer can shrink with its fan-in.
