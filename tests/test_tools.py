@@ -100,6 +100,12 @@ def test_recipes_table_caching_and_refusal(tmp_path, monkeypatch):
     lines = recipes.table(doc, ["augmented"])
     assert lines[2] == "| v1 | `run` (3) | -1.000 / -2.000 / -3.000 | -2.0000 |"
     assert lines[3] == "| v1 | mean over 1 seeds | | **-2.0000** |"  # empty T / 10T / 25T cell
+    # --keep: earlier recipes stay when scored on the same tasks, never when the tasks differ
+    stored = {"families": ["augmented"], "valid_tasks": 6, **doc}
+    assert recipes.kept_recipes(stored, ["augmented"], 6, {"v2"}) == (doc["recipes"], doc["means"])
+    assert recipes.kept_recipes(stored, ["augmented"], 6, {"v1"}) == ({}, {})  # named again: re-scored
+    assert recipes.kept_recipes(stored, ["augmented"], 4, {"v2"}) == ({}, {})
+    assert recipes.kept_recipes(stored, ["augmented", "augmented-depth"], 6, {"v2"}) == ({}, {})
 
 
 def test_probe_variants_and_validation_split(tmp_path, capsys):
