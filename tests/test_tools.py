@@ -132,3 +132,16 @@ def test_probe_variants_and_validation_split(tmp_path, capsys):
     doc = json.loads((tmp_path / "probe.json").read_text())
     assert set(doc["suites"]["heldout"]["v"]["methods"]) == {"learned", "adam"}
     assert "heldout  v" in capsys.readouterr().out
+
+
+def test_seeds_report_names_the_flags_that_change_it(tmp_path):
+    import argparse
+
+    seeds = _load("seeds")
+    run = tmp_path / "pes-s2"
+    run.mkdir()
+    plain = argparse.Namespace(compare="", valid_family=None, out=str(seeds.ROOT / "results" / "seeds"))
+    assert seeds._extra_flags(plain) == ""
+    asked = argparse.Namespace(compare=f"default,{run}", valid_family="augmented-depth",
+                               out=str(tmp_path / "seeds-v7"))
+    assert seeds._extra_flags(asked) == " --compare default,pes-s2 --valid-family augmented-depth --out seeds-v7"
