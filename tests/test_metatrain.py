@@ -222,7 +222,9 @@ def test_scalar_meta_parameters_get_their_own_learning_rate_only_when_asked():
     groups = meta_param_groups(params, fast)
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * fast.meta_lr)
     scalars = {id(p) for p in groups[1]["params"]}
-    assert scalars == {id(update.log_lr_scale), id(update.horizon_raw), id(update.width_raw), id(update.floor_logit)}
+    assert update.weight_decay  # the recipe's update learns its decay: λ is one of the scalars
+    assert scalars == {id(update.log_lr_scale), id(update.horizon_raw), id(update.width_raw), id(update.floor_logit),
+                       id(update.log_wd)}
     assert all(p.dim() > 0 for p in groups[0]["params"]) and len(groups[0]["params"]) + len(scalars) == len(params)
     with pytest.raises(ValueError, match="scalar_lr_mult"):
         MetaConfig(scalar_lr_mult=0.0)
