@@ -231,3 +231,45 @@ def test_weight_decay_starts_where_asked_and_old_rule_files_keep_their_start(tmp
         MetaConfig(weight_decay_init=-1.0)
     trainer = MetaTrainer(run_cfg, tmp_path / "run")
     assert abs(math.exp(float(trainer.update.log_wd)) - 0.1) < 1e-6
+
+
+def test_width_exponent_starts_where_asked_and_scales_wide_layers_steps(tmp_path):
+    import json
+
+    from mpbackprop.metatrain.config import MetaConfig
+    from mpbackprop.metatrain.loop import MetaTrainer
+
+    upd = ScheduledUpdate(width_init=0.5)
+    assert abs(float(upd.width_exponent()) - 0.5) < 1e-6
+    assert float(ScheduledUpdate().width_exponent()) == 0.0  # the old start
+    with pytest.raises(ValueError, match="width_init"):
+        ScheduledUpdate(width_init=1.0)
+
+    def first_step(width_init):  # how far one step moves each tensor, from one initial network
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3))
+        before = [p.detach().clone() for p in model.parameters()]
+        trainer = mp.Trainer(model, rule="exact", update=ScheduledUpdate(width_init=width_init), total_steps=20)
+        g = torch.Generator().manual_seed(1)
+        trainer.step(torch.randn(32, 64, generator=g), torch.randint(0, 3, (32,), generator=g))
+        return [(p.detach() - b).abs().sum() for p, b in zip(model.parameters(), before)]
+
+    flat, scaled = first_step(0.0), first_step(0.5)
+    ratios = [float(s / f) for s, f in zip(scaled, flat)]
+    # weights with fan-in 64 keep their step, the 256-fan-in layer's halves, (256/64)^-0.5; biases keep theirs
+    assert ratios == pytest.approx([1.0, 1.0, 0.5, 1.0], rel=1e-4)
+
+    save_rule(tmp_path / "r.pt", Exact(), upd)
+    assert abs(float(load_rule(tmp_path / "r.pt")[1].width_exponent()) - 0.5) < 1e-6
+    cfg = upd.config()
+    del cfg["width_init"]  # a rule file written before the option
+    assert ScheduledUpdate(**cfg).width_init == 0.0
+    run_cfg = MetaConfig(width_init=0.5, outer_steps=1)
+    assert MetaConfig.from_json(json.loads(run_cfg.dumps())).width_init == 0.5
+    old = run_cfg.to_json()
+    del old["width_init"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert MetaConfig.load_run(tmp_path / "old.json").width_init == 0.0  # a run's own config: its start
+    with pytest.raises(ValueError, match="width_init"):
+        MetaConfig(width_init=-1.0)
+    assert abs(float(MetaTrainer(run_cfg, tmp_path / "run").update.width_exponent()) - 0.5) < 1e-6

@@ -70,6 +70,9 @@ class MetaConfig:
         the option read as 1e-4, the start it had);
         whether it learns the exponent ``b`` of its peak step size in the stated horizon
         (``update_lr·(T/100)^{-b}``), and where ``b`` starts.
+    width_init : float
+        Where the ``scheduled`` update's width exponent ``p`` starts (weights' steps scale as
+        ``(fan_in/64)^{-p}``); runs' configs written before the option read as 0, the start they had.
     learn_backward : bool
         Meta-train the learned backward pass (:class:`~mpbackprop.rules.LearnedBackward`) with the update; if
         False the rule's backward is exact backprop (``exact`` in the rule file). Off in the long-horizon
@@ -122,6 +125,7 @@ class MetaConfig:
     horizon_exponent: bool = True
     learn_backward: bool = False
     horizon_init: float = 0.6
+    width_init: float = 0.0
     start_offsets: bool = True
     eval_multiples: tuple[int, ...] = (1, 10, 25)
     update_lr: float = 4e-2
@@ -202,7 +206,8 @@ class MetaConfig:
         """A run's own ``config.json``; runs from before the ``features`` option had ``full`` rules
         with two update layers as wide as ``hidden``; runs from before ``update_rule`` had the
         ``learned`` update, validation at T and 2T and no start offsets; runs from before
-        ``weight_decay_init`` started their decay (when on) at 1e-4 (family, unroll, ``weight_decay`` and
+        ``weight_decay_init`` started their decay (when on) at 1e-4, and from before ``width_init`` their
+        width exponent at 0 (family, unroll, ``weight_decay`` and
         ``update_lr`` were always written)."""
         data = json.loads(Path(path).read_text())
         if "features" not in data:
@@ -212,6 +217,8 @@ class MetaConfig:
                     "learn_backward": True, **data}
         if "weight_decay_init" not in data:  # before the option: the decay (if on) started at 1e-4
             data = {"weight_decay": False, "weight_decay_init": 1e-4, **data}
+        if "width_init" not in data:  # before the option: p started at 0
+            data = {"width_init": 0.0, **data}
         return cls.from_json(data)
 
     def replace(self, **changes: Any) -> "MetaConfig":
@@ -341,6 +348,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "horizon_exponent": (_flag, "true or false"),
     "learn_backward": (_flag, "true or false"),
     "horizon_init": _number(lambda v: -1 < v < 1, "a number in (-1, 1)"),
+    "width_init": _number(lambda v: -1 < v < 1, "a number in (-1, 1)"),
     "start_offsets": (_flag, "true or false"),
     "eval_multiples": (_multiples, "a list of 1 to 8 integers in 1..1000 (multiples of eval_horizon)"),
     "update_lr": _POSITIVE,

@@ -77,7 +77,8 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
         update = ScheduledUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, lr=cfg.update_lr,
                                  correction=cfg.correction, weight_decay=cfg.weight_decay,
                                  weight_decay_init=cfg.weight_decay_init,
-                                 horizon_exponent=cfg.horizon_exponent, horizon_init=cfg.horizon_init)
+                                 horizon_exponent=cfg.horizon_exponent, horizon_init=cfg.horizon_init,
+                                 width_init=cfg.width_init)
     else:
         update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
                                features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,

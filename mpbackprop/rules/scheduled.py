@@ -97,6 +97,10 @@ class ScheduledUpdate(UpdateRule):
     weight_decay_init : float
         Where the learned weight decay ``λ = e^{w}`` starts (> 0; with ``weight_decay=True``). Rule files
         written before the option load with 1e-4, the start they had (the learned ``w`` is in the file).
+    width_init : float
+        Initial width exponent ``p`` in (−1, 1) (0: every layer's step is the same; 0.5 halves the step of a
+        layer with 4× the fan-in). Rule files written before the option load with 0, the start they had
+        (the learned ``p`` is in the file).
     """
 
     name = "scheduled"
@@ -104,7 +108,7 @@ class ScheduledUpdate(UpdateRule):
     def __init__(self, signal_dim: int = 1, hidden: int = 4, lr: float = 1e-2, correction: float = 0.5,
                  floor: float = 0.1, horizon_ref: int = 100, weight_decay: bool = False,
                  horizon_exponent: bool = False, horizon_init: float = 0.0,
-                 weight_decay_init: float = 1e-4) -> None:
+                 weight_decay_init: float = 1e-4, width_init: float = 0.0) -> None:
         super().__init__()
         if not 0 < floor < 1:
             raise ValueError(f"floor must be in (0, 1), got {floor}")
@@ -112,6 +116,8 @@ class ScheduledUpdate(UpdateRule):
             raise ValueError(f"lr must be > 0 and correction >= 0 (finite), got lr={lr}, correction={correction}")
         if not -1 < horizon_init < 1:
             raise ValueError(f"horizon_init must be in (-1, 1), got {horizon_init}")
+        if not -1 < width_init < 1:
+            raise ValueError(f"width_init must be in (-1, 1), got {width_init}")
         if not (weight_decay_init > 0 and math.isfinite(weight_decay_init)):
             raise ValueError(f"weight_decay_init must be > 0 (finite), got {weight_decay_init}")
         if horizon_ref < 1 or signal_dim < 1 or hidden < 1:
@@ -126,13 +132,14 @@ class ScheduledUpdate(UpdateRule):
         self.horizon_exponent_learned = bool(horizon_exponent)
         self.horizon_init = float(horizon_init)
         self.weight_decay_init = float(weight_decay_init)
+        self.width_init = float(width_init)
         self.log_lr_scale = nn.Parameter(torch.tensor(0.0))  # a
         raw = torch.tensor(math.atanh(self.horizon_init))  # b = tanh(raw)
         if self.horizon_exponent_learned:
             self.horizon_raw = nn.Parameter(raw)
         else:
             self.register_buffer("horizon_raw", raw)
-        self.width_raw = nn.Parameter(torch.tensor(0.0))  # p = tanh(raw)
+        self.width_raw = nn.Parameter(torch.tensor(math.atanh(self.width_init)))  # p = tanh(raw)
         self.floor_logit = nn.Parameter(torch.tensor(math.log(floor / (1 - floor))))  # f = σ(logit)
         if self.weight_decay:
             self.log_wd = nn.Parameter(torch.tensor(math.log(self.weight_decay_init)))
@@ -143,7 +150,7 @@ class ScheduledUpdate(UpdateRule):
         return {"signal_dim": self.signal_dim, "hidden": self.hidden, "lr": self.lr, "correction": self.correction,
                 "floor": self.floor, "horizon_ref": self.horizon_ref, "weight_decay": self.weight_decay,
                 "horizon_exponent": self.horizon_exponent_learned, "horizon_init": self.horizon_init,
-                "weight_decay_init": self.weight_decay_init}
+                "weight_decay_init": self.weight_decay_init, "width_init": self.width_init}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         return {"m": theta.new_zeros(len(_DECAYS), theta.numel()), "v": torch.zeros_like(theta)}
