@@ -120,11 +120,16 @@ def test_diverging_copies_stop_where_they_would_alone():
         torch.testing.assert_close(sa.theta, sb.theta, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-def test_batched_scheduled_step_is_the_eager_step_per_copy():
-    """The update alone, float64, against ScheduledUpdate.step with each copy's parameters loaded."""
+@pytest.mark.parametrize("spec,wide_only", [(MLP, False), (CONV, False), (CONV, True)], ids=["mlp", "conv",
+                                                                                       "conv-wide-only"])
+def test_batched_scheduled_step_is_the_eager_step_per_copy(spec, wide_only):
+    """The update alone, float64, against ScheduledUpdate.step with each copy's parameters loaded (the
+    convnet has fan-ins below and above 64)."""
     update = _update("weight-decay").double()
-    params, states, deltas = _copies(MLP, update, 3, 0.2)
-    net = get_task(MLP).net
+    update.width_wide_only = wide_only
+    params, states, deltas = _copies(spec, update, 3, 0.2)
+    net = get_task(spec).net
+    assert min(f for f in net.tensor_fan_in if f > 0) < 64 or spec is MLP
     gen = torch.Generator().manual_seed(2)
     p = net.num_params
     theta, g, v = (torch.randn(3, p, generator=gen, dtype=torch.float64) for _ in range(3))

@@ -62,7 +62,8 @@ def _perturbed(update: ScheduledUpdate) -> ScheduledUpdate:
     lambda: (Exact(), _perturbed(ScheduledUpdate(weight_decay=True, horizon_exponent=True))),
     lambda: (Exact(), ScheduledUpdate(correction=0.0)),
     lambda: (LearnedBackward(state_dim=2), _perturbed(ScheduledUpdate(signal_dim=2))),
-], ids=["default", "weight-decay", "no-correction", "two-channels"])
+    lambda: (Exact(), _perturbed(ScheduledUpdate(weight_decay=True, width_init=0.5, width_wide_only=True))),
+], ids=["default", "weight-decay", "no-correction", "two-channels", "wide-only"])
 def test_compiled_scheduled_step_equals_the_eager_step(make):
     net, theta = _net()
     rule, update = make()
@@ -80,10 +81,11 @@ def _ctx(theta, signal, state, sizes, fan_in, total=10):
     return UpdateContext(theta, signal, state, 3, seg, len(sizes), sizes, total, fan_in)
 
 
-@pytest.mark.parametrize("fan_in", [(4, 0, 5, 0), None])
-def test_eager_kernel_is_the_scheduled_step_in_float64(fan_in):
+@pytest.mark.parametrize("fan_in,wide_only", [((4, 0, 5, 0), False), (None, False), ((100, 0, 5, 0), True),
+                                               ((100, 0, 5, 0), False)])
+def test_eager_kernel_is_the_scheduled_step_in_float64(fan_in, wide_only):
     """The function that gets compiled, run eagerly, against ScheduledUpdate's own code."""
-    update = _perturbed(ScheduledUpdate(weight_decay=True)).double()
+    update = _perturbed(ScheduledUpdate(weight_decay=True, width_wide_only=wide_only)).double()
     sizes = (20, 5, 25, 5)
     gen = torch.Generator().manual_seed(0)
     theta = torch.randn(55, generator=gen, dtype=torch.float64)

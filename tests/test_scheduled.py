@@ -245,19 +245,26 @@ def test_width_exponent_starts_where_asked_and_scales_wide_layers_steps(tmp_path
     with pytest.raises(ValueError, match="width_init"):
         ScheduledUpdate(width_init=1.0)
 
-    def first_step(width_init):  # how far one step moves each tensor, from one initial network
+    def first_step(width_init, inputs=64, wide_only=False):  # how far one step moves each tensor
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3))
+        model = nn.Sequential(nn.Linear(inputs, 256), nn.ReLU(), nn.Linear(256, 3))
         before = [p.detach().clone() for p in model.parameters()]
-        trainer = mp.Trainer(model, rule="exact", update=ScheduledUpdate(width_init=width_init), total_steps=20)
+        update = ScheduledUpdate(width_init=width_init, width_wide_only=wide_only)
+        trainer = mp.Trainer(model, rule="exact", update=update, total_steps=20)
         g = torch.Generator().manual_seed(1)
-        trainer.step(torch.randn(32, 64, generator=g), torch.randint(0, 3, (32,), generator=g))
+        trainer.step(torch.randn(32, inputs, generator=g), torch.randint(0, 3, (32,), generator=g))
         return [(p.detach() - b).abs().sum() for p, b in zip(model.parameters(), before)]
 
     flat, scaled = first_step(0.0), first_step(0.5)
     ratios = [float(s / f) for s, f in zip(scaled, flat)]
     # weights with fan-in 64 keep their step, the 256-fan-in layer's halves, (256/64)^-0.5; biases keep theirs
     assert ratios == pytest.approx([1.0, 1.0, 0.5, 1.0], rel=1e-4)
+    # fan-in 16: p = 0.5 doubles the step, (16/64)^-0.5, unless only wider layers are scaled
+    ratios = [float(s / f) for s, f in zip(first_step(0.5, 16), first_step(0.0, 16))]
+    assert ratios == pytest.approx([2.0, 1.0, 0.5, 1.0], rel=1e-4)
+    ratios = [float(s / f) for s, f in zip(first_step(0.5, 16, True), first_step(0.0, 16))]
+    assert ratios == pytest.approx([1.0, 1.0, 0.5, 1.0], rel=1e-4)
+    assert ScheduledUpdate(width_wide_only=True).config()["width_wide_only"] is True
 
     save_rule(tmp_path / "r.pt", Exact(), upd)
     assert abs(float(load_rule(tmp_path / "r.pt")[1].width_exponent()) - 0.5) < 1e-6
@@ -270,6 +277,9 @@ def test_width_exponent_starts_where_asked_and_scales_wide_layers_steps(tmp_path
     del old["width_init"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert MetaConfig.load_run(tmp_path / "old.json").width_init == 0.0  # a run's own config: its start
+    del old["width_wide_only"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert MetaConfig.load_run(tmp_path / "old.json").width_wide_only is False
     with pytest.raises(ValueError, match="width_init"):
         MetaConfig(width_init=-1.0)
     assert abs(float(MetaTrainer(run_cfg, tmp_path / "run").update.width_exponent()) - 0.5) < 1e-6

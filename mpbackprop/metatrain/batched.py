@@ -34,7 +34,7 @@ from torch import Tensor
 from ..engine.losses import LOSSES, resolve_loss
 from ..rules import BackwardRule, ScheduledUpdate, UpdateRule
 from ..rules.learned import _EPS, _tanh
-from ..rules.scheduled import _BETA2, _DECAYS, cosine_schedule
+from ..rules.scheduled import _BETA2, _DECAYS, cosine_schedule, width_logs
 from .inner import InnerState, UnrollResult, get_task, step_weight, unroll
 
 __all__ = ["supported", "unroll_copies", "set_enabled", "perturbed", "scheduled_step"]
@@ -178,7 +178,7 @@ def scheduled_step(update: ScheduledUpdate, mp: dict[str, Tensor], theta: Tensor
     eta = update.lr * rate * cosine_schedule(torch.tensor(tau, dtype=rate.dtype), torch.sigmoid(mp["floor_logit"]))
     eta = eta.to(g.dtype).unsqueeze(1)  # (K, 1)
     if fan_in is not None:
-        logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in fan_in], dtype=g.dtype)
+        logs = width_logs(fan_in, update.width_wide_only, g.dtype)
         per_tensor = torch.exp(-torch.tanh(mp["width_raw"]).to(g.dtype).unsqueeze(1) * logs)  # (K, S)
         width = torch.repeat_interleave(per_tensor, torch.tensor(sizes), dim=1, output_size=g.shape[1])
         delta = eta * (width * direction)

@@ -70,9 +70,10 @@ class MetaConfig:
         the option read as 1e-4, the start it had);
         whether it learns the exponent ``b`` of its peak step size in the stated horizon
         (``update_lr·(T/100)^{-b}``), and where ``b`` starts.
-    width_init : float
+    width_init, width_wide_only : float, bool
         Where the ``scheduled`` update's width exponent ``p`` starts (weights' steps scale as
-        ``(fan_in/64)^{-p}``); runs' configs written before the option read as 0, the start they had.
+        ``(fan_in/64)^{-p}``), and whether that factor applies only to fan-ins above 64; runs' configs
+        written before the options read as 0 and False, what they had.
     learn_backward : bool
         Meta-train the learned backward pass (:class:`~mpbackprop.rules.LearnedBackward`) with the update; if
         False the rule's backward is exact backprop (``exact`` in the rule file). Off in the long-horizon
@@ -126,6 +127,7 @@ class MetaConfig:
     learn_backward: bool = False
     horizon_init: float = 0.6
     width_init: float = 0.0
+    width_wide_only: bool = False
     start_offsets: bool = True
     eval_multiples: tuple[int, ...] = (1, 10, 25)
     update_lr: float = 4e-2
@@ -219,6 +221,8 @@ class MetaConfig:
             data = {"weight_decay": False, "weight_decay_init": 1e-4, **data}
         if "width_init" not in data:  # before the option: p started at 0
             data = {"width_init": 0.0, **data}
+        if "width_wide_only" not in data:  # before the option: the factor applied to every fan-in
+            data = {"width_wide_only": False, **data}
         return cls.from_json(data)
 
     def replace(self, **changes: Any) -> "MetaConfig":
@@ -349,6 +353,7 @@ _RULES: dict[str, tuple[Check, str | Callable[[], str]]] = {
     "learn_backward": (_flag, "true or false"),
     "horizon_init": _number(lambda v: -1 < v < 1, "a number in (-1, 1)"),
     "width_init": _number(lambda v: -1 < v < 1, "a number in (-1, 1)"),
+    "width_wide_only": (_flag, "true or false"),
     "start_offsets": (_flag, "true or false"),
     "eval_multiples": (_multiples, "a list of 1 to 8 integers in 1..1000 (multiples of eval_horizon)"),
     "update_lr": _POSITIVE,

@@ -78,7 +78,7 @@ def build_rules(cfg: MetaConfig) -> tuple[BackwardRule, UpdateRule]:
                                  correction=cfg.correction, weight_decay=cfg.weight_decay,
                                  weight_decay_init=cfg.weight_decay_init,
                                  horizon_exponent=cfg.horizon_exponent, horizon_init=cfg.horizon_init,
-                                 width_init=cfg.width_init)
+                                 width_init=cfg.width_init, width_wide_only=cfg.width_wide_only)
     else:
         update = LearnedUpdate(signal_dim=cfg.state_dim, hidden=cfg.update_hidden, layers=cfg.update_layers,
                                features=cfg.features, init=cfg.update_init, lr=cfg.update_lr,

@@ -29,7 +29,9 @@ correction, and a step size from a schedule relative to the run's stated length.
   (:class:`~mpbackprop.metatrain.MetaConfig`; the convnets underfit at 0.02).
 * **width** — per tensor, weights (not biases) get ``(fan_in/64)^{-p}`` with a learned exponent ``p``
   (bounded in (−1, 1); μP's value for Adam is 1, Yang et al., 2022; μLO, Thérien et al., 2024), so the
-  step of a wider layer can shrink with its fan-in.
+  step of a wider layer can shrink with its fan-in. With ``width_wide_only=True`` a fan-in below 64 counts
+  as 64: narrow layers (a convnet's 3×3 kernels, a tabular net's 13 inputs) keep the common step, as
+  μP keeps input layers' rates, and only wider layers' steps shrink.
 * **weight decay** — optional (``weight_decay=True``): decoupled, ``λ = e^{w}`` learned, on weights only.
 
 **Past the stated length** (``t ≥ T``) the progress stays at ``τ = 1``: the step size stays at its floor
@@ -54,10 +56,23 @@ from . import kernels
 from .base import UpdateContext, UpdateHistory, UpdateRule
 from .learned import _feature_mlp, _tanh, mlp
 
-__all__ = ["ScheduledUpdate", "cosine_schedule"]
+__all__ = ["ScheduledUpdate", "cosine_schedule", "width_logs"]
 
 _DECAYS = (0.9, 0.99)
 _BETA2 = 0.999
+#: Fan-in at which the width factor is 1.
+WIDTH_REF = 64
+
+
+def width_logs(fan_in: tuple[int, ...], wide_only: bool, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> Tensor:
+    """``log(fan_in/64)`` per tensor (0 for biases, whose fan-in is written 0), the exponent's argument of
+    the width factor ``(fan_in/64)^{-p}``; with ``wide_only`` a fan-in below 64 counts as 64 (factor 1), so
+    only wider layers' steps change. The one place the eager step, the fused kernel's inputs and the batched
+    meta-training step take it from."""
+    floor = WIDTH_REF if wide_only else 0
+    return torch.tensor([math.log(max(f, floor) / WIDTH_REF) if f > 0 else 0.0 for f in fan_in], dtype=dtype,
+                        device=device)
 
 
 def cosine_schedule(progress: Tensor | float, floor: Tensor | float) -> Tensor | float:
@@ -101,6 +116,9 @@ class ScheduledUpdate(UpdateRule):
         Initial width exponent ``p`` in (−1, 1) (0: every layer's step is the same; 0.5 halves the step of a
         layer with 4× the fan-in). Rule files written before the option load with 0, the start they had
         (the learned ``p`` is in the file).
+    width_wide_only : bool
+        Apply the width factor only to fan-ins above 64 (below, the factor is 1). Rule files written before
+        the option load with False, what they computed.
     """
 
     name = "scheduled"
@@ -108,7 +126,7 @@ class ScheduledUpdate(UpdateRule):
     def __init__(self, signal_dim: int = 1, hidden: int = 4, lr: float = 1e-2, correction: float = 0.5,
                  floor: float = 0.1, horizon_ref: int = 100, weight_decay: bool = False,
                  horizon_exponent: bool = False, horizon_init: float = 0.0,
-                 weight_decay_init: float = 1e-4, width_init: float = 0.0) -> None:
+                 weight_decay_init: float = 1e-4, width_init: float = 0.0, width_wide_only: bool = False) -> None:
         super().__init__()
         if not 0 < floor < 1:
             raise ValueError(f"floor must be in (0, 1), got {floor}")
@@ -133,6 +151,7 @@ class ScheduledUpdate(UpdateRule):
         self.horizon_init = float(horizon_init)
         self.weight_decay_init = float(weight_decay_init)
         self.width_init = float(width_init)
+        self.width_wide_only = bool(width_wide_only)
         self.log_lr_scale = nn.Parameter(torch.tensor(0.0))  # a
         raw = torch.tensor(math.atanh(self.horizon_init))  # b = tanh(raw)
         if self.horizon_exponent_learned:
@@ -150,7 +169,8 @@ class ScheduledUpdate(UpdateRule):
         return {"signal_dim": self.signal_dim, "hidden": self.hidden, "lr": self.lr, "correction": self.correction,
                 "floor": self.floor, "horizon_ref": self.horizon_ref, "weight_decay": self.weight_decay,
                 "horizon_exponent": self.horizon_exponent_learned, "horizon_init": self.horizon_init,
-                "weight_decay_init": self.weight_decay_init, "width_init": self.width_init}
+                "weight_decay_init": self.weight_decay_init, "width_init": self.width_init,
+                "width_wide_only": self.width_wide_only}
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         return {"m": theta.new_zeros(len(_DECAYS), theta.numel()), "v": torch.zeros_like(theta)}
@@ -175,8 +195,7 @@ class ScheduledUpdate(UpdateRule):
         """``(fan_in/64)^{-p}`` per parameter (1 for biases), or None when no fan-in is known."""
         if ctx.fan_in is None:
             return None
-        logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=like.dtype,
-                            device=like.device)
+        logs = width_logs(ctx.fan_in, self.width_wide_only, like.dtype, like.device)
         per_tensor = torch.exp(-self.width_exponent().to(like.dtype) * logs)
         return torch.repeat_interleave(per_tensor, torch.tensor(sizes, device=like.device), output_size=like.numel())
 
@@ -248,8 +267,7 @@ class ScheduledUpdate(UpdateRule):
             rate = eta.expand(len(sizes))
             decay = (torch.exp(self.log_wd) * eta).expand(len(sizes)) if self.weight_decay else torch.zeros_like(rate)
         else:
-            logs = torch.tensor([math.log(f / 64) if f > 0 else 0.0 for f in ctx.fan_in], dtype=dtype,
-                                device=signal.device)
+            logs = width_logs(ctx.fan_in, self.width_wide_only, dtype, signal.device)
             rate = eta * torch.exp(-self.width_exponent() * logs)
             is_weight = torch.tensor([f > 0 for f in ctx.fan_in], dtype=dtype, device=signal.device)
             decay = torch.exp(self.log_wd) * eta * is_weight if self.weight_decay else torch.zeros_like(rate)
