@@ -145,3 +145,46 @@ def test_seeds_report_names_the_flags_that_change_it(tmp_path):
     asked = argparse.Namespace(compare=f"default,{run}", valid_family="augmented-depth",
                                out=str(tmp_path / "seeds-v7"))
     assert seeds._extra_flags(asked) == " --compare default,pes-s2 --valid-family augmented-depth --out seeds-v7"
+
+
+def test_probe_controller_is_the_rule_at_beta_0_and_bounded_otherwise(tmp_path):
+    import math
+
+    import pytest
+    import torch
+
+    from mpbackprop.rules.base import UpdateContext
+
+    pc = _load("probe_controller")
+    _, (_, plain) = pc.variant("p=0", "default")
+    _, (_, fast) = pc.variant("f=2:-0.693:4", "default")
+    assert isinstance(plain, pc.Controlled) and abs(float(plain.log_lr_scale - fast.log_lr_scale) - 0.693) < 1e-6
+    with pytest.raises(SystemExit, match="NAME=BETA"):
+        pc.variant("x", "default")
+    sizes, fan_in = (12, 3), (4, 0)
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(15, generator=gen, dtype=torch.float64)
+    g = torch.randn(15, 1, generator=gen, dtype=torch.float64)
+    segments = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    plain, fast = plain.double(), fast.double()
+    ref = pc.ScheduledUpdate(**plain.config()).double()
+    ref.load_state_dict(plain.state_dict())
+    state = {"m": torch.stack([g[:, 0], g[:, 0]]), "v": g[:, 0] ** 2}  # momentum along the gradient: cos = 1
+
+    def step(update, st, t):
+        return update.step(UpdateContext(theta, g, st, t, segments, 2, sizes, 50, fan_in))
+
+    with torch.no_grad():
+        assert torch.equal(step(plain, state, 3)[0], step(ref, state, 3)[0])  # beta = 0: the rule itself
+        new, st = step(fast, state, 3)
+        # raised by beta * cos = 2 * 1, clipped at log 4
+        assert torch.allclose(st["log_kappa"], torch.full((2,), math.log(4.0), dtype=torch.float64))
+        same = pc.ScheduledUpdate(**plain.config()).double()
+        same.load_state_dict(fast.state_dict())  # the shifted rule without the controller
+        unscaled, _ = step(same, state, 3)
+    # the bias tensor (no weight decay) moves exactly kappa = 4 times as far
+    assert torch.allclose(theta[12:] - new[12:], 4 * (theta[12:] - unscaled[12:]), rtol=1e-12, atol=0)
+    assert pc.main(["p=0", "c=0.1:-0.693", "--suites", "heldout", "--seeds", "2", "--tasks", "1", "--steps", "5",
+                    "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "controller.json").read_text())
+    assert set(doc["suites"]["heldout"]) == {"p", "c"}
