@@ -99,18 +99,23 @@ def report_line(suite: str, name: str, summary: dict) -> str:
             f"within-1.05 {sum(r <= 1.05 for r in ratios)}/{len(ratios)} failed {learned['failed']}\n    {cells}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variants", nargs="+")
+def add_suite_options(ap: argparse.ArgumentParser, seeds: int = 4, tasks: int = 2) -> None:
+    """The options :func:`run_suite` reads (suites, family, horizon, seeds and tasks per suite, ``--out``)."""
     ap.add_argument("--suites", default="heldout,conv,long")
     ap.add_argument("--family", default="digits-mlp")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=seeds)
+    ap.add_argument("--tasks", type=int, default=tasks)
     ap.add_argument("--long-seeds", type=int, default=3)
     ap.add_argument("--long-tasks", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / "probe"))
     ap.add_argument("--verbose", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+")
+    add_suite_options(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rules = dict(variant(v) for v in args.variants)
