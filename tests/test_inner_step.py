@@ -121,3 +121,33 @@ def test_analysis_messages_use_the_history_the_step_used():
         after = run.update.history(run.opt_state)  # the post-update state the analysis used to read
         drifted = rule.coefficients(layer_context(net, net.output_layer, theta, run.rule_state, after))
         assert not torch.equal(drifted, rule.coefficients(layer_context(net, net.output_layer, theta, run.rule_state, before)))
+
+
+class _Recording(SGD):
+    """SGD that keeps the loss each step's context carried."""
+
+    def __init__(self, lr):
+        super().__init__(lr)
+        self.seen = []
+
+    def step(self, ctx):
+        self.seen.append(ctx.loss)
+        return super().step(ctx)
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_update_sees_the_batch_loss_before_its_step(differentiable):
+    net, batches = _net(), _batches()
+    update = _Recording(0.1)
+    theta = net.values.clone().requires_grad_(differentiable)
+    run = InnerStep.start(net, theta, Exact(), update, total_steps=5, batches=batches, differentiable=differentiable)
+    ref = _batches()
+    for _ in range(3):
+        before = run.theta.detach().clone()
+        x, y = ref()
+        expected = torch.nn.functional.cross_entropy(net.forward(x, before), y)
+        r = run.step()
+        seen = update.seen[-1]
+        assert seen.dim() == 0 and not seen.requires_grad
+        assert torch.allclose(seen, r.loss.detach()) and torch.allclose(seen, expected, atol=1e-12)
+    assert not torch.equal(update.seen[0], update.seen[-1])  # the parameters moved: the loss did too

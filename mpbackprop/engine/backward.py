@@ -296,7 +296,7 @@ def train_step(
         result = backward(net, record, dl, rule, rule_state, theta, update.history(opt_state), fused=fused)
         segments = net.graph.nodes[PARAM].data["tensor"].to(theta.device)  # the graph stays on the CPU
         uctx = UpdateContext(theta, result.signal, opt_state, step, segments,
-                             len(net.tensors), net.tensor_sizes, total_steps, net.tensor_fan_in)
+                             len(net.tensors), net.tensor_sizes, total_steps, net.tensor_fan_in, value.detach())
         new_theta, new_state = update.step(uctx)
         frozen = net.frozen_mask
         if frozen is not None:

@@ -137,6 +137,10 @@ class UpdateContext:
     fan_in : tuple of int, optional
         Fan-in of each tensor's weights (inputs per output unit: ``in`` of a Linear weight,
         ``in·kh·kw`` of a convolution's); ``0`` for biases.
+    loss : Tensor, optional
+        The training loss of this step's batch at ``theta`` (before the update; a detached scalar), when
+        the caller has one: the engine's :func:`~mpbackprop.engine.train_step` passes it. Rules that read
+        the run's loss curve need it.
     """
 
     theta: Tensor
@@ -148,6 +152,7 @@ class UpdateContext:
     sizes: tuple[int, ...] | None = None
     total_steps: int | None = None
     fan_in: tuple[int, ...] | None = None
+    loss: Tensor | None = None
 
 
 class BackwardRule(nn.Module):
