@@ -184,7 +184,71 @@ def test_probe_controller_is_the_rule_at_beta_0_and_bounded_otherwise(tmp_path):
         unscaled, _ = step(same, state, 3)
     # the bias tensor (no weight decay) moves exactly kappa = 4 times as far
     assert torch.allclose(theta[12:] - new[12:], 4 * (theta[12:] - unscaled[12:]), rtol=1e-12, atol=0)
-    assert pc.main(["p=0", "c=0.1:-0.693", "--suites", "heldout", "--seeds", "2", "--tasks", "1", "--steps", "5",
+    assert pc.main(["p=0", "c=0.1:-0.693", "l=loss-follow:0.3", "--suites", "heldout", "--seeds", "2", "--tasks", "1", "--steps", "5",
                     "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "controller.json").read_text())
-    assert set(doc["suites"]["heldout"]) == {"p", "c"}
+    assert set(doc["suites"]["heldout"]) == {"p", "c", "l"}
+
+
+def test_probe_controller_loss_kinds_scale_the_step_by_the_loss_curve():
+    import pytest
+    import torch
+
+    from mpbackprop.rules.base import UpdateContext
+
+    pc = _load("probe_controller")
+    _, (_, setter) = pc.variant("s=loss-set:1:0.5:8:4", "default")
+    _, (_, follow) = pc.variant("f=loss-follow:0.5:0.25:4", "default")
+    assert isinstance(setter, pc.LossSet) and isinstance(follow, pc.LossFollow) and setter.window == 8
+    for bad in ("x=loss-set", "x=loss-set:a", "x=loss-follow:1:0:1", "x=loss-set:1:0.3:8:4:9"):
+        with pytest.raises(SystemExit):
+            pc.variant(bad, "default")
+    sizes, fan_in = (12, 3), (4, 0)
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(15, generator=gen, dtype=torch.float64)
+    g = torch.randn(15, 1, generator=gen, dtype=torch.float64)
+    segments = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    setter, follow = setter.double(), follow.double()
+    plain = pc.ScheduledUpdate(**setter.config()).double()
+    plain.load_state_dict(setter.state_dict())
+
+    def ctx(state, t, loss, total=500):
+        return UpdateContext(theta, g, state, t, segments, 2, sizes, total, fan_in, torch.tensor(loss))
+
+    def bias_move(update, state, t, loss, total=500):
+        new, st = update.step(ctx(state, t, loss, total))
+        return (theta[12:] - new[12:]), st  # the bias tensor: no weight decay
+
+    with torch.no_grad():
+        base = plain.init_state(theta)
+        ref = bias_move(plain, base, 0, 2.0)[0]
+        # in the window (K = min(8, 500/5) = 8): kappa 1 at the reference horizon's rate
+        move, st = bias_move(setter, setter.init_state(theta), 0, 2.0)
+        assert torch.allclose(move, ref * float(plain.step_size(0, 100) / plain.step_size(0, 500)), rtol=1e-12)
+        for t in range(1, 8):  # the window's last four losses average 0.5: r = 0.25, log kappa = log(0.25/0.5)
+            _, st = setter.step(ctx(st, t, 0.5))
+        assert float(st["log_kappa"]) == 0.0  # set at step K, not before
+        before = {k: v for k, v in st.items() if k in base}
+        move, st = bias_move(setter, st, 8, 0.1)  # step K: kappa 0.5 from now on, at T's own rate
+        assert torch.allclose(st["log_kappa"], torch.log(torch.tensor([0.5], dtype=torch.float64)))
+        assert torch.allclose(move, 0.5 * bias_move(plain, before, 8, 0.1)[0], rtol=1e-12)
+        # loss-follow: step 0 -> kappa = (1/0.25)^0.5 = 2; step 1 with loss 0 -> mean 0.09/0.19
+        move, st = bias_move(follow, follow.init_state(theta), 0, 1.0)
+        assert torch.allclose(move, 2 * ref, rtol=1e-12)
+        kappa = (0.09 / 0.19 / 0.25) ** 0.5
+        ref1 = bias_move(plain, st, 1, 0.0)[0]
+        assert torch.allclose(bias_move(follow, st, 1, 0.0)[0], kappa * ref1, rtol=1e-12)
+
+
+def test_lr_signals_fits_and_writes_one_row_per_task(tmp_path):
+    lrs = _load("lr_signals")
+    exact = lrs.fit([0.0, 1.0, 2.0], [1.0, 3.0, 5.0])
+    assert abs(exact["corr"] - 1) < 1e-12 and abs(exact["slope"] - 2) < 1e-12 and exact["resid_std"] < 1e-12
+    noisy = lrs.fit([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 0.0, 1.0])
+    assert 0 < noisy["corr"] < 1 and 0 < noisy["resid_std"] < noisy["std"]
+    out = tmp_path / "signals.json"
+    assert lrs.main(["--tasks", "1", "--steps", "6", "--multiple", "2", "--window", "5", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["family"] for r in doc["tasks"]] == ["digits-mlp", "tabular-mlp", "synthetic", "digits-conv"]
+    assert all(r["lr_T"] > 0 and r["lr_long"] > 0 and r["ratio"] > 0 and r["params"] > 0 for r in doc["tasks"])
+    assert -1 <= doc["summary"]["lr_T_vs_ratio"]["corr"] <= 1 and (tmp_path / "lr-signals-tuning").is_dir()

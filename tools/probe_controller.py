@@ -1,6 +1,7 @@
 """Probe a hand-set, bounded per-tensor step controller on top of a scheduled rule, on *meta-validation* tasks.
 
-    python tools/probe_controller.py NAME=BETA[:SHIFT[:BOUND[:TARGET]]] [NAME=...] [--rule default]
+    python tools/probe_controller.py NAME=BETA[:SHIFT[:BOUND[:TARGET]]] NAME=loss-set:S[:RREF[:WINDOW[:BOUND]]]
+        NAME=loss-follow:S[:RREF[:CAP[:LOW]]] [NAME=...] [--rule default]
         [--suites heldout,conv,long] [--seeds 10] [--tasks 3] [--long-seeds 3] [--long-tasks 1] [--out results/probe]
 
 A prototype, not part of the package: the question is whether a step size that reacts to the run's own
@@ -17,6 +18,17 @@ per-tensor form of hypergradient descent, Baydin et al., 2018). ``SHIFT`` is add
 baselines are those of ``tools/probe.py`` (validation split; Adam tuned per task and horizon, cached
 under ``--out``/tuning). The controller runs on the rule's eager step (fused kernels off). Writes
 ``--out``/controller.json.
+
+Two controllers read the training loss instead (``UpdateContext.loss``, the batch loss before the step), one
+``κ`` for the whole network, ``L_0`` the first step's loss:
+
+* ``loss-set`` sets ``κ`` once from how fast the loss fell: for the first ``K = min(WINDOW, T/5)`` steps the
+  rule steps with ``κ = 1`` at the reference horizon's rate (so the measurement does not depend on ``T``);
+  at step ``K``, ``log κ = clip(S·(log r − log RREF), ±log BOUND)`` with ``r`` the mean loss of the last 4
+  window steps over ``L_0``, held for the rest of the run (on meta-validation tasks, tuned Adam's rate at T
+  grew with this ratio: a slow fall wants a larger step).
+* ``loss-follow`` lets the step follow the loss, as a Polyak step does: ``κ_t = clip((L̂_t/(RREF·L_0))^S,
+  1/LOW, CAP)`` with ``L̂_t`` the bias-corrected running mean (0.9) of the batch losses.
 """
 
 from __future__ import annotations
@@ -69,10 +81,79 @@ class Controlled(ScheduledUpdate):
         return kappa if width is None else width * kappa
 
 
+class LossSet(ScheduledUpdate):
+    """A :class:`ScheduledUpdate` whose step is scaled once, at the end of a short window, by the loss's fall."""
+
+    def __init__(self, *args, s: float = 0.0, rref: float = 0.3, window: int = 20, bound: float = 4.0,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not (rref > 0 and window >= 4 and bound >= 1):
+            raise ValueError(f"need RREF > 0, WINDOW >= 4, BOUND >= 1; got {rref}, {window}, {bound}")
+        self.s, self.rref, self.window, self.log_bound = float(s), float(rref), int(window), math.log(bound)
+        self._kappa: torch.Tensor | float = 1.0
+        self._in_window = False
+
+    def step(self, ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert ctx.loss is not None and ctx.total_steps is not None
+        loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
+        l0 = ctx.state.get("l0", loss)
+        last = ctx.state.get("last", loss.new_zeros(4))
+        log_kappa = ctx.state.get("log_kappa", loss.new_zeros(1))
+        k = min(self.window, max(ctx.total_steps // 5, 4))
+        if k - 4 <= ctx.step < k:
+            last = last.clone()
+            last[ctx.step - (k - 4)] = loss[0]
+        elif ctx.step == k:
+            ratio = (last.mean() / l0).clamp_min(1e-12)
+            log_kappa = (self.s * (torch.log(ratio) - math.log(self.rref))).clamp(-self.log_bound, self.log_bound)
+        self._in_window = ctx.step < k
+        self._kappa = torch.exp(log_kappa)[0]
+        theta, state = super().step(ctx)
+        return theta, {**state, "l0": l0, "last": last, "log_kappa": log_kappa}
+
+    def step_size(self, step: int, total_steps: int) -> torch.Tensor:
+        if self._in_window:  # the reference horizon's rate: the same measurement at every T
+            return super().step_size(step, min(total_steps, self.horizon_ref))
+        return super().step_size(step, total_steps) * self._kappa
+
+
+class LossFollow(ScheduledUpdate):
+    """A :class:`ScheduledUpdate` whose step is scaled by the running training loss relative to the first."""
+
+    def __init__(self, *args, s: float = 0.0, rref: float = 0.3, cap: float = 1.0, low: float = 16.0,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not (rref > 0 and cap >= 1 and low >= 1):
+            raise ValueError(f"need RREF > 0, CAP >= 1, LOW >= 1; got {rref}, {cap}, {low}")
+        self.s, self.rref, self.cap, self.low = float(s), float(rref), float(cap), float(low)
+        self._kappa: torch.Tensor | float = 1.0
+
+    def step(self, ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert ctx.loss is not None
+        loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
+        l0 = ctx.state.get("l0", loss)
+        ema = 0.9 * ctx.state.get("ema", loss.new_zeros(1)) + 0.1 * loss
+        mean = ema / (1 - 0.9 ** (ctx.step + 1))
+        self._kappa = ((mean / (self.rref * l0)).clamp_min(1e-12) ** self.s).clamp(1 / self.low, self.cap)[0]
+        theta, state = super().step(ctx)
+        return theta, {**state, "l0": l0, "ema": ema}
+
+    def step_size(self, step: int, total_steps: int) -> torch.Tensor:
+        return super().step_size(step, total_steps) * self._kappa
+
+
+#: loss controllers: kind → (class, its option names after S, their defaults)
+_LOSS = {"loss-set": (LossSet, ("rref", "window", "bound"), (0.3, 20, 4.0)),
+         "loss-follow": (LossFollow, ("rref", "cap", "low"), (0.3, 1.0, 16.0))}
+
+
 def variant(text: str, rule: str) -> tuple[str, tuple]:
-    """``NAME=BETA[:SHIFT[:BOUND[:TARGET]]]`` → (name, (backward, controlled update)) from ``rule``'s file."""
+    """``NAME=BETA[:SHIFT[:BOUND[:TARGET]]]`` or ``NAME=loss-set:S[:...]`` / ``NAME=loss-follow:S[:...]`` →
+    (name, (backward, controlled update)) from ``rule``'s file."""
     name, sep, spec = text.partition("=")
     fields = spec.split(":") if sep else []
+    if fields and fields[0] in _LOSS:
+        return name, _loss_variant(text, fields[0], fields[1:], rule)
     if not name or not 1 <= len(fields) <= 4:
         raise SystemExit(f"{text!r}: expected NAME=BETA[:SHIFT[:BOUND[:TARGET]]]")
     try:
@@ -87,6 +168,28 @@ def variant(text: str, rule: str) -> tuple[str, tuple]:
     with torch.no_grad():
         controlled.log_lr_scale.add_(shift)
     return name, (backward, controlled)
+
+
+def _loss_variant(text: str, kind: str, fields: list[str], rule: str) -> tuple:
+    cls, names, defaults = _LOSS[kind]
+    if not 1 <= len(fields) <= 1 + len(names):
+        raise SystemExit(f"{text!r}: expected NAME={kind}:S[:{':'.join(n.upper() for n in names)}]")
+    try:
+        values = [float(f) for f in fields] + list(defaults[len(fields) - 1:])
+    except ValueError:
+        raise SystemExit(f"{text!r}: the fields after {kind} must be numbers") from None
+    options = dict(zip(("s", *names), values))
+    if "window" in options:
+        options["window"] = int(options["window"])
+    backward, update = ev.resolve_rule(rule)[:2]
+    if not isinstance(update, ScheduledUpdate):
+        raise SystemExit(f"{rule}: the controller needs a rule with the scheduled update, got {update.name!r}")
+    try:
+        controlled = cls(**update.config(), **options)
+    except ValueError as err:
+        raise SystemExit(f"{text!r}: {err}") from None
+    controlled.load_state_dict(update.state_dict())
+    return backward, controlled
 
 
 def main(argv: list[str] | None = None) -> int:
