@@ -147,6 +147,17 @@ def test_seeds_report_names_the_flags_that_change_it(tmp_path):
     assert seeds._extra_flags(asked) == " --compare default,pes-s2 --valid-family augmented-depth --out seeds-v7"
 
 
+def _controller_inputs():
+    """A weight tensor (12 entries, fan-in 4) and a bias (3) with a random gradient, in float64."""
+    import torch
+
+    sizes = (12, 3)
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(15, generator=gen, dtype=torch.float64)
+    g = torch.randn(15, 1, generator=gen, dtype=torch.float64)
+    return sizes, (4, 0), theta, g, torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+
+
 def test_probe_controller_is_the_rule_at_beta_0_and_bounded_otherwise(tmp_path):
     import math
 
@@ -161,11 +172,7 @@ def test_probe_controller_is_the_rule_at_beta_0_and_bounded_otherwise(tmp_path):
     assert isinstance(plain, pc.Controlled) and abs(float(plain.log_lr_scale - fast.log_lr_scale) - 0.693) < 1e-6
     with pytest.raises(SystemExit, match="NAME=BETA"):
         pc.variant("x", "default")
-    sizes, fan_in = (12, 3), (4, 0)
-    gen = torch.Generator().manual_seed(0)
-    theta = torch.randn(15, generator=gen, dtype=torch.float64)
-    g = torch.randn(15, 1, generator=gen, dtype=torch.float64)
-    segments = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    sizes, fan_in, theta, g, segments = _controller_inputs()
     plain, fast = plain.double(), fast.double()
     ref = pc.ScheduledUpdate(**plain.config()).double()
     ref.load_state_dict(plain.state_dict())
@@ -203,11 +210,7 @@ def test_probe_controller_loss_kinds_scale_the_step_by_the_loss_curve():
     for bad in ("x=loss-set", "x=loss-set:a", "x=loss-follow:1:0:1", "x=loss-set:1:0.3:8:4:9"):
         with pytest.raises(SystemExit):
             pc.variant(bad, "default")
-    sizes, fan_in = (12, 3), (4, 0)
-    gen = torch.Generator().manual_seed(0)
-    theta = torch.randn(15, generator=gen, dtype=torch.float64)
-    g = torch.randn(15, 1, generator=gen, dtype=torch.float64)
-    segments = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    sizes, fan_in, theta, g, segments = _controller_inputs()
     setter, follow = setter.double(), follow.double()
     plain = pc.ScheduledUpdate(**setter.config()).double()
     plain.load_state_dict(setter.state_dict())
