@@ -22,7 +22,7 @@ under ``--out``/tuning). The controller runs on the rule's eager step (fused ker
 Two controllers read the training loss instead (``UpdateContext.loss``, the batch loss before the step), one
 ``κ`` for the whole network, ``L_0`` the first step's loss:
 
-* ``loss-set`` sets ``κ`` once from how fast the loss fell: for the first ``K = min(WINDOW, T/5)`` steps the
+* ``loss-set`` sets ``κ`` once from how fast the loss fell: for the first ``K = min(WINDOW, max(T/5, 4))`` steps the
   rule steps with ``κ = 1`` at the reference horizon's rate (so the measurement does not depend on ``T``);
   at step ``K``, ``log κ = clip(S·(log r − log RREF), ±log BOUND)`` with ``r`` the mean loss of the last 4
   window steps over ``L_0``, held for the rest of the run (on meta-validation tasks, tuned Adam's rate at T
@@ -94,7 +94,8 @@ class LossSet(ScheduledUpdate):
         self._in_window = False
 
     def step(self, ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        assert ctx.loss is not None and ctx.total_steps is not None
+        if ctx.loss is None or ctx.total_steps is None:
+            raise ValueError("the loss-set controller needs the step's loss and the run's length (train_step passes both)")
         loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
         l0 = ctx.state.get("l0", loss)
         last = ctx.state.get("last", loss.new_zeros(4))
@@ -129,7 +130,8 @@ class LossFollow(ScheduledUpdate):
         self._kappa: torch.Tensor | float = 1.0
 
     def step(self, ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        assert ctx.loss is not None
+        if ctx.loss is None:
+            raise ValueError("the loss-follow controller needs the step's loss (train_step passes it)")
         loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
         l0 = ctx.state.get("l0", loss)
         ema = 0.9 * ctx.state.get("ema", loss.new_zeros(1)) + 0.1 * loss
