@@ -29,14 +29,14 @@ from mpbackprop.engine import InnerStep
 from mpbackprop.evaluation import LONG_FAMILIES, tune_lr
 from mpbackprop.metatrain.inner import get_task
 from mpbackprop.rules import Adam, Exact
-from mpbackprop.tasks import FAMILIES
+from mpbackprop.tasks import FAMILIES, Task
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loss_ratio(spec, window: int, lr: float, seed: int = 123) -> float:
-    """Mean batch loss over the last 4 of ``window`` Adam steps at ``lr``, over the first batch loss."""
-    task = get_task(spec)
+def loss_ratio(task: Task, window: int, lr: float, seed: int = 123) -> float:
+    """Mean batch loss over the last 4 of ``window`` Adam steps at ``lr`` on ``task`` (a built task), over
+    the first batch loss."""
     gen = task.batch_generator(seed)
     run = InnerStep.start(task.net, task.theta0.clone(), Exact(), Adam(lr), total_steps=window,
                           batches=lambda: task.batch(gen), loss=task.loss)
@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for family in LONG_FAMILIES:
         for spec in FAMILIES[family].tasks("valid", args.tasks, seed=0):
+            task = get_task(spec)
             row = {"family": family, "task": spec.name,
                    "lr_T": tune_lr(spec, "adam", args.steps, 2, None, cache)["lr"],
                    "lr_long": tune_lr(spec, "adam", long, 2, None, cache)["lr"],
-                   "ratio": loss_ratio(spec, args.window, args.probe_lr),
-                   "params": int(get_task(spec).theta0.numel())}
+                   "ratio": loss_ratio(task, args.window, args.probe_lr),
+                   "params": int(task.theta0.numel())}
             rows.append(row)
             print(f"{spec.name:44s} lr*(T) {row['lr_T']:.3g}  lr*({args.multiple}T) {row['lr_long']:.3g}  "
                   f"r {row['ratio']:.3f}", file=sys.stderr, flush=True)

@@ -81,8 +81,32 @@ class Controlled(ScheduledUpdate):
         return kappa if width is None else width * kappa
 
 
-class LossSet(ScheduledUpdate):
+class _LossScaled(ScheduledUpdate):
+    """A :class:`ScheduledUpdate` whose step size is multiplied by one ``κ`` for the network, which a
+    subclass sets from the training loss before each step."""
+
+    kind = ""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._kappa: torch.Tensor | float = 1.0
+
+    def _loss(self, ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's loss ``(1,)`` in the parameters' dtype and the run's first loss ``L_0`` (kept in the state)."""
+        if ctx.loss is None or ctx.total_steps is None:
+            raise ValueError(f"the {self.kind} controller needs the step's loss and the run's length "
+                             "(train_step passes both)")
+        loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
+        return loss, ctx.state.get("l0", loss)
+
+    def step_size(self, step: int, total_steps: int) -> torch.Tensor:
+        return super().step_size(step, total_steps) * self._kappa
+
+
+class LossSet(_LossScaled):
     """A :class:`ScheduledUpdate` whose step is scaled once, at the end of a short window, by the loss's fall."""
+
+    kind = "loss-set"
 
     def __init__(self, *args, s: float = 0.0, rref: float = 0.3, window: int = 20, bound: float = 4.0,
                  **kwargs) -> None:
@@ -90,14 +114,11 @@ class LossSet(ScheduledUpdate):
         if not (rref > 0 and window >= 4 and bound >= 1):
             raise ValueError(f"need RREF > 0, WINDOW >= 4, BOUND >= 1; got {rref}, {window}, {bound}")
         self.s, self.rref, self.window, self.log_bound = float(s), float(rref), int(window), math.log(bound)
-        self._kappa: torch.Tensor | float = 1.0
         self._in_window = False
 
     def step(self, ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if ctx.loss is None or ctx.total_steps is None:
-            raise ValueError("the loss-set controller needs the step's loss and the run's length (train_step passes both)")
-        loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
-        l0 = ctx.state.get("l0", loss)
+        loss, l0 = self._loss(ctx)
+        assert ctx.total_steps is not None
         last = ctx.state.get("last", loss.new_zeros(4))
         log_kappa = ctx.state.get("log_kappa", loss.new_zeros(1))
         k = min(self.window, max(ctx.total_steps // 5, 4))
@@ -113,13 +134,15 @@ class LossSet(ScheduledUpdate):
         return theta, {**state, "l0": l0, "last": last, "log_kappa": log_kappa}
 
     def step_size(self, step: int, total_steps: int) -> torch.Tensor:
-        if self._in_window:  # the reference horizon's rate: the same measurement at every T
-            return super().step_size(step, min(total_steps, self.horizon_ref))
-        return super().step_size(step, total_steps) * self._kappa
+        if self._in_window:  # kappa 1 at the reference horizon's rate: the same measurement at every T
+            return ScheduledUpdate.step_size(self, step, min(total_steps, self.horizon_ref))
+        return super().step_size(step, total_steps)
 
 
-class LossFollow(ScheduledUpdate):
+class LossFollow(_LossScaled):
     """A :class:`ScheduledUpdate` whose step is scaled by the running training loss relative to the first."""
+
+    kind = "loss-follow"
 
     def __init__(self, *args, s: float = 0.0, rref: float = 0.3, cap: float = 1.0, low: float = 16.0,
                  **kwargs) -> None:
@@ -127,21 +150,14 @@ class LossFollow(ScheduledUpdate):
         if not (rref > 0 and cap >= 1 and low >= 1):
             raise ValueError(f"need RREF > 0, CAP >= 1, LOW >= 1; got {rref}, {cap}, {low}")
         self.s, self.rref, self.cap, self.low = float(s), float(rref), float(cap), float(low)
-        self._kappa: torch.Tensor | float = 1.0
 
     def step(self, ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if ctx.loss is None:
-            raise ValueError("the loss-follow controller needs the step's loss (train_step passes it)")
-        loss = ctx.loss.to(ctx.theta.dtype).reshape(1)
-        l0 = ctx.state.get("l0", loss)
+        loss, l0 = self._loss(ctx)
         ema = 0.9 * ctx.state.get("ema", loss.new_zeros(1)) + 0.1 * loss
         mean = ema / (1 - 0.9 ** (ctx.step + 1))
         self._kappa = ((mean / (self.rref * l0)).clamp_min(1e-12) ** self.s).clamp(1 / self.low, self.cap)[0]
         theta, state = super().step(ctx)
         return theta, {**state, "l0": l0, "ema": ema}
-
-    def step_size(self, step: int, total_steps: int) -> torch.Tensor:
-        return super().step_size(step, total_steps) * self._kappa
 
 
 #: loss controllers: kind → (class, its option names after S, their defaults)
@@ -162,14 +178,23 @@ def variant(text: str, rule: str) -> tuple[str, tuple]:
         beta, shift, bound, target = (float(f) for f in fields + ["0", "4", "0"][len(fields) - 1:])
     except ValueError:
         raise SystemExit(f"{text!r}: BETA, SHIFT, BOUND and TARGET must be numbers") from None
-    backward, update = ev.resolve_rule(rule)[:2]
-    if not isinstance(update, ScheduledUpdate):
-        raise SystemExit(f"{rule}: the controller needs a rule with the scheduled update, got {update.name!r}")
-    controlled = Controlled(**update.config(), beta=beta, bound=bound, target=target)
-    controlled.load_state_dict(update.state_dict())
+    backward, controlled = _controlled(text, rule, Controlled, beta=beta, bound=bound, target=target)
     with torch.no_grad():
         controlled.log_lr_scale.add_(shift)
     return name, (backward, controlled)
+
+
+def _controlled(text: str, rule: str, cls: type, **options) -> tuple:
+    """(backward, ``cls`` built on ``rule``'s scheduled update with its meta-parameters and ``options``)."""
+    backward, update = ev.resolve_rule(rule)[:2]
+    if not isinstance(update, ScheduledUpdate):
+        raise SystemExit(f"{rule}: the controller needs a rule with the scheduled update, got {update.name!r}")
+    try:
+        controlled = cls(**update.config(), **options)
+    except ValueError as err:
+        raise SystemExit(f"{text!r}: {err}") from None
+    controlled.load_state_dict(update.state_dict())
+    return backward, controlled
 
 
 def _loss_variant(text: str, kind: str, fields: list[str], rule: str) -> tuple:
@@ -183,15 +208,7 @@ def _loss_variant(text: str, kind: str, fields: list[str], rule: str) -> tuple:
     options = dict(zip(("s", *names), values))
     if "window" in options:
         options["window"] = int(options["window"])
-    backward, update = ev.resolve_rule(rule)[:2]
-    if not isinstance(update, ScheduledUpdate):
-        raise SystemExit(f"{rule}: the controller needs a rule with the scheduled update, got {update.name!r}")
-    try:
-        controlled = cls(**update.config(), **options)
-    except ValueError as err:
-        raise SystemExit(f"{text!r}: {err}") from None
-    controlled.load_state_dict(update.state_dict())
-    return backward, controlled
+    return _controlled(text, rule, cls, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
