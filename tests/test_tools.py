@@ -255,3 +255,159 @@ def test_lr_signals_fits_and_writes_one_row_per_task(tmp_path):
     assert [r["family"] for r in doc["tasks"]] == ["digits-mlp", "tabular-mlp", "synthetic", "digits-conv"]
     assert all(r["lr_T"] > 0 and r["lr_long"] > 0 and r["ratio"] > 0 and r["params"] > 0 for r in doc["tasks"])
     assert -1 <= doc["summary"]["lr_T_vs_ratio"]["corr"] <= 1 and (tmp_path / "lr-signals-tuning").is_dir()
+
+
+def test_probe_oracle_orthogonalise_is_near_u_vt_for_tall_wide_and_square():
+    import torch
+
+    po = _load("probe_oracle")
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((32, 16), (16, 32), (20, 20)):
+        n = min(shape)
+        u = torch.linalg.qr(torch.randn(shape[0], n, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(shape[1], n, generator=gen, dtype=torch.float64))[0]
+        x = u @ torch.diag(torch.linspace(1.0, 3.0, n, dtype=torch.float64)) @ v.t()  # condition number 3
+        o = po.orthogonalise(x)
+        assert o.shape == x.shape
+        uu, _, vt = torch.linalg.svd(x, full_matrices=False)
+        ref = uu @ vt
+        sv = torch.linalg.svdvals(o)
+        assert 0.6 <= float(sv.min()) and float(sv.max()) <= 1.3, (shape, sv)
+        assert float((o * ref).sum() / (o.norm() * ref.norm())) > 0.9, shape
+        assert float((o - ref).norm() / ref.norm()) < 0.4, shape  # not just aligned: close
+        assert float(torch.linalg.svdvals(x / x.norm()).max()) < 0.6  # the iteration moved them, not the input
+
+
+def _scaled_inputs():
+    """A two-layer net's tensors (weight 3x4, bias 3, weight 2x3, bias 2) and a random step context."""
+    import torch
+
+    from mpbackprop.rules.base import UpdateContext
+
+    sizes, fan_in = (12, 3, 6, 2), (4, 0, 3, 0)
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    g = torch.randn(sum(sizes), 1, generator=gen, dtype=torch.float64)
+    segments = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    return lambda state, t: UpdateContext(theta, g, state, t, segments, 4, sizes, 50, fan_in), theta
+
+
+def test_probe_oracle_scaled_multiplies_only_the_chosen_tensors_step():
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    po = _load("probe_oracle")
+    ctx, theta = _scaled_inputs()
+    tensors = [SimpleNamespace(shape=(3, 4), role="weight"), SimpleNamespace(shape=(3,), role="bias"),
+               SimpleNamespace(shape=(2, 3), role="weight"), SimpleNamespace(shape=(2,), role="bias")]
+    assert po.tensor_factors(tensors, head=3.0) == [1.0, 1.0, 3.0, 1.0]
+    assert po.tensor_factors(tensors, head=3.0, bias=2.0) == [1.0, 2.0, 3.0, 2.0]
+    conv = [SimpleNamespace(shape=(4, 1, 3, 3), role="weight"), SimpleNamespace(shape=(4,), role="bias"),
+            SimpleNamespace(shape=(10, 16), role="weight")]
+    assert po.tensor_factors(conv, conv=5.0, head=2.0) == [5.0, 1.0, 2.0]
+    source = po.ev.resolve_rule("default")[1]
+    for inner in (po.scheduled_at_peak(source, 0.03, 50, correction=False).double(), po.Muon(0.05)):
+        state = inner.init_state(theta)
+        with torch.no_grad():
+            ref, ref_state = inner.step(ctx(state, 2))
+            same, same_state = po.Scaled(inner, [1.0] * 4).step(ctx(state, 2))
+            assert torch.equal(same, ref) and all(torch.equal(same_state[k], ref_state[k]) for k in ref_state)
+            new, _ = po.Scaled(inner, [1.0, 1.0, 3.0, 1.0]).step(ctx(state, 2))
+        step, ref_step = theta - new, theta - ref
+        head = slice(15, 21)
+        assert torch.allclose(step[head], 3 * ref_step[head], rtol=1e-12, atol=0)
+        assert float(ref_step[head].abs().min()) > 0  # a step to scale
+        rest = torch.ones_like(theta, dtype=torch.bool)
+        rest[head] = False
+        assert torch.equal(new[rest], ref[rest])
+    with pytest.raises(ValueError, match="step factors"):
+        po.Scaled(po.Muon(0.1), [1.0, 0.0])
+
+
+def test_probe_oracle_directions_parse_and_bad_names_are_refused(capsys):
+    import pytest
+
+    po = _load("probe_oracle")
+    assert po.parse_direction("adam:head=3,bias=2") == po.Direction("adam:head=3,bias=2", "adam",
+                                                                    {"head": 3.0, "bias": 2.0})
+    assert po.parse_direction("muon").factors == {}
+    for bad, words in (("sgd", "adam, rule, muon"), ("adam:tail=3", "conv, head, bias"), ("adam:head=x", "number"),
+                       ("adam:head=-1", "> 0")):
+        with pytest.raises(ValueError, match=words):
+            po.parse_direction(bad)
+        with pytest.raises(SystemExit) as exit_info:
+            po.main([bad, "--out", "unused"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    assert po.grid_exponents(-12, -2) == [k / 4 for k in range(-12, -1)]  # the scripts' grid, 1e-3 .. 0.56
+
+
+def test_probe_oracle_pool_takes_every_paired_difference_and_the_geometric_speedup():
+    import math
+
+    po = _load("probe_oracle")
+    rows = [{"directions": {"a": {"diffs": [0.1, 0.3], "speedup": 2.0}}},
+            {"directions": {"a": {"diffs": [-0.2, 0.0], "speedup": 0.5}}}]
+    pooled = po.pool(rows, ["a"])["a"]
+    assert math.isclose(pooled["diff"]["mean"], 0.05) and pooled["diff"]["ci"][0] < 0.05 < pooled["diff"]["ci"][1]
+    assert math.isclose(pooled["speedup"], 1.0) and pooled["speedups"] == [2.0, 0.5]
+    rows[1]["directions"]["a"]["speedup"] = 0.0  # a task that never reached Adam's loss
+    assert po.pool(rows, ["a"])["a"]["speedup"] == 0.0
+
+
+def test_probe_oracle_cli_chooses_the_grid_argmin_and_pools_the_task_differences(tmp_path, capsys):
+    import math
+
+    po = _load("probe_oracle")
+    assert po.main(["adam", "muon", "adam:head=3", "--tasks", "1", "--seeds", "2", "--steps", "4",
+                    "--grid", "-9", "-7", "--out", str(tmp_path)]) == 0
+    path = tmp_path / "probe-oracle-heldout-digits-mlp.json"
+    doc = json.loads(path.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # strict
+    assert {"suite", "family", "rule", "directions", "seeds", "tuning_seeds", "grid", "tasks", "pooled"} <= set(doc)
+    assert doc["grid"] == [-2.25, -2.0, -1.75] and (tmp_path / "tuning").is_dir()
+    (row,) = doc["tasks"]
+    assert {"task", "steps", "adam_lr", "adam_losses", "adam", "directions"} <= set(row)
+    assert math.isclose(row["adam"], sum(row["adam_losses"]) / 2)
+    out = capsys.readouterr().out.splitlines()
+    for name in ("adam", "muon", "adam:head=3"):
+        entry = row["directions"][name]
+        assert [g["exponent"] for g in entry["grid"]] == doc["grid"]
+        best = min(entry["grid"], key=lambda g: g["score"])
+        assert entry["peak"] == best["peak"] == 10 ** best["exponent"]
+        assert len(entry["losses"]) == 2 and all(math.isclose(d, a - b) for d, a, b in
+                                                 zip(entry["diffs"], entry["losses"], row["adam_losses"]))
+        assert math.isclose(entry["diff"]["mean"], sum(entry["diffs"]) / 2)
+        reach = entry["steps_to_reach"]
+        assert entry["speedup"] == (row["steps"] / reach if reach else 0.0)
+        task_means = [t["directions"][name]["diff"]["mean"] for t in doc["tasks"]]
+        assert math.isclose(doc["pooled"][name]["diff"]["mean"], sum(task_means) / len(task_means))
+        assert any(line.startswith(f"{row['task']} 4 {name} peak ") for line in out)
+        assert any(line.startswith(f"POOLED heldout {name} d ") for line in out)
+    # the head factor changes the runs: not the plain direction under another name
+    assert row["directions"]["adam:head=3"]["grid"] != row["directions"]["adam"]["grid"]
+
+
+def test_probe_oracle_muon_steps_weights_orthogonally_and_vectors_by_adam():
+    import torch
+
+    po = _load("probe_oracle")
+    ctx, theta = _scaled_inputs()
+    g = ctx({}, 0).signal[:, 0]
+    muon = po.Muon(0.05)
+    with torch.no_grad():
+        new, state = muon.step(ctx(muon.init_state(theta), 0))  # first step: schedule 1, momenta from zero
+        late, _ = muon.step(ctx(muon.init_state(theta), 50))  # at T: the schedule's floor, 0.1
+    step = theta - new
+    # weights 3x4 and 2x3: Nesterov momentum (1 - 0.95)(1 + 0.95) g, orthogonalised, RMS scale 0.2*sqrt(max(out, in))
+    u = 0.05 * 1.95 * g
+    assert torch.allclose(step[:12], 0.05 * 0.2 * 2.0 * po.orthogonalise(u[:12].view(3, 4)).reshape(-1), rtol=1e-9)
+    assert torch.allclose(step[15:21], 0.05 * 0.2 * 3**0.5 * po.orthogonalise(u[15:21].view(2, 3)).reshape(-1),
+                          rtol=1e-9)
+    for bias in (slice(12, 15), slice(21, 23)):  # Adam's first step: the gradient's sign
+        assert torch.allclose(step[bias], 0.05 * torch.sign(g[bias]), rtol=1e-6)
+    weights = torch.cat([torch.arange(12), torch.arange(15, 21)])  # (the biases' Adam step has its own bias correction)
+    assert torch.allclose((theta - late)[weights], 0.1 * step[weights], rtol=1e-9)
+    assert torch.allclose(state["m"], 0.05 * g) and torch.allclose(state["v"], 0.001 * g * g)

@@ -52,7 +52,8 @@ from ..device import place, synchronize
 from ..device import resolve as resolve_device
 
 __all__ = ["METHODS", "SUITES", "RunCurve", "run_method", "tune_lr", "evaluate", "suite_tasks", "ci95", "curve_band", "is_diverged",
-           "plot_curves", "picture_format"]
+           "plot_curves", "picture_format", "TUNING_SEED_BASE", "REPORT_SEED_BASE", "DIVERGED_SCORE", "log_score",
+           "steps_to_reach", "speedup", "geomean"]
 
 METHODS = ("learned", "backprop_learned_update", "learned_backward_adam", "fa_adam", "sgd", "momentum", "adam")
 #: tuned methods → (update kind, initial grid exponents of 10 in quarter decades)
@@ -65,10 +66,22 @@ LONG_FAMILIES = ("digits-mlp", "tabular-mlp", "synthetic", "digits-conv")
 LONG_MULTIPLES = (10, 25)
 #: Methods per suite (default: :data:`METHODS`); the long suite runs the rule against the tuned baselines.
 SUITE_METHODS: dict[str, tuple[str, ...]] = {"long": ("learned", "sgd", "momentum", "adam")}
-_TUNING_SEED_BASE = 5_000_000
-_REPORT_SEED_BASE = 7_000_000
+#: Seed ``TUNING_SEED_BASE + s`` is tuning seed ``s`` (learning rates are chosen on these), and
+#: ``REPORT_SEED_BASE + s`` report seed ``s`` (reported numbers come from these): the two never meet.
+TUNING_SEED_BASE = 5_000_000
+REPORT_SEED_BASE = 7_000_000
+_TUNING_SEED_BASE = TUNING_SEED_BASE  # the names one-off scripts under results/ use
+_REPORT_SEED_BASE = REPORT_SEED_BASE
+#: The score of a final loss that is not finite or not positive (a diverged run), in :func:`log_score`.
+DIVERGED_SCORE = 50.0
 #: A validation loss above this (or not finite) means the run diverged.
 DIVERGED_LOSS = 1e6
+
+
+def log_score(loss: float) -> float:
+    """The tuning score of a run's final validation loss: ``log(loss)``, or :data:`DIVERGED_SCORE` (50) when the
+    loss is not finite or not positive. :func:`tune_lr` chooses the rate of least mean score over tuning seeds."""
+    return math.log(loss) if math.isfinite(loss) and loss > 0 else DIVERGED_SCORE
 
 
 def is_diverged(loss: float) -> bool:
@@ -178,7 +191,7 @@ def tune_lr(spec: TaskSpec, method: str, steps: int, tuning_seeds: int = 2,
     With a learned backward (``learned_backward_adam``) the cache key does not know the rule,
     so pass ``cache=None`` there unless the cache directory belongs to one rule.
     """
-    seeds = [_TUNING_SEED_BASE + s for s in range(tuning_seeds)]
+    seeds = [TUNING_SEED_BASE + s for s in range(tuning_seeds)]
     key = _cache_key(spec, method, steps, seeds)
     path = cache / f"{key}.json" if cache is not None else None
     cached = _read_cached(path) if path is not None else None
@@ -193,8 +206,7 @@ def tune_lr(spec: TaskSpec, method: str, steps: int, tuning_seeds: int = 2,
             vals = []
             for s in seeds:
                 curve = run_method(spec, method, steps, s, rule, lr, val_examples, device=device)
-                last = curve.loss[-1]
-                vals.append(math.log(last) if math.isfinite(last) and last > 0 else 50.0)
+                vals.append(log_score(curve.loss[-1]))
             scores[exp] = sum(vals) / len(vals)
         return scores[exp]
 
@@ -263,11 +275,23 @@ def combine_task_cis(entries: list[tuple[float, float, float]], n: int) -> tuple
     return mean, mean - t * se, mean + t * se
 
 
-def _steps_to_reach(curve: list[float], target: float) -> int | None:
+def steps_to_reach(curve: list[float], target: float) -> int | None:
+    """The first step (1-based) at which ``curve`` is at or below ``target``; None when it never is."""
     for k, v in enumerate(curve):
         if v <= target:
             return k + 1
     return None
+
+
+_steps_to_reach = steps_to_reach  # the name one-off scripts under results/ use
+
+
+def speedup(curves: list[RunCurve], target: float, steps: int) -> tuple[int | None, float]:
+    """Steps for the mean over ``curves`` (per step) to reach ``target`` (tuned Adam's mean final loss),
+    and the speedup ``steps / that`` (0 when the mean curve never reaches it within ``steps``)."""
+    mean_curve = [sum(c.loss[k] for c in curves) / len(curves) for k in range(steps)]
+    reach = steps_to_reach(mean_curve, target)
+    return reach, steps / reach if reach else 0.0
 
 
 def suite_tasks(suite: str, family: str, n_tasks: int, steps: int, seed: int = 0,
@@ -326,7 +350,7 @@ def evaluate(tasks: list[tuple[TaskSpec, int]], rule: tuple[BackwardRule, Update
                     progress(f"tuned {m} on {spec.name}: lr {lrs[m]:.3g}")
         res = TaskResult(spec, steps, lrs)
         for m in methods:
-            res.curves[m] = [run_method(spec, m, steps, _REPORT_SEED_BASE + s, rule, lrs.get(m), val_examples, device)
+            res.curves[m] = [run_method(spec, m, steps, REPORT_SEED_BASE + s, rule, lrs.get(m), val_examples, device)
                              for s in range(seeds)]
             if progress:
                 progress(f"ran {m} on {spec.name}")
@@ -356,10 +380,8 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
                                      "failed": sum(c.failed for c in curves), "runs": len(curves)}
             if target is not None:
                 entry["ratio_to_adam"] = mean / target if target > 0 else float("nan")
-                mean_curve = [sum(c.loss[k] for c in curves) / len(curves) for k in range(res.steps)]
-                reach = _steps_to_reach(mean_curve, target)
+                reach, entry["speedup_vs_adam"] = speedup(curves, target, res.steps)
                 entry["steps_to_adam_loss"] = reach
-                entry["speedup_vs_adam"] = res.steps / reach if reach else 0.0
                 entry["wallclock_speedup_vs_adam"] = _wallclock(res.steps, reach, adam_ms, entry["ms_per_step"])
                 diffs = [a - b for a, b in zip(final, adam_final)]
                 dm, dlo, dhi = ci95(diffs)
@@ -375,8 +397,8 @@ def summarize(results: list[TaskResult], methods: tuple[str, ...] = METHODS) -> 
             "val_loss_mean": mean,
             "val_loss_ci": [lo, hi],
             "val_acc_mean": sum(e["val_acc_mean"] for e in entries) / n,
-            "speedup_vs_adam": _geomean([e.get("speedup_vs_adam", 0.0) for e in entries]),
-            "wallclock_speedup_vs_adam": _geomean([e.get("wallclock_speedup_vs_adam", 0.0) for e in entries]),
+            "speedup_vs_adam": geomean([e.get("speedup_vs_adam", 0.0) for e in entries]),
+            "wallclock_speedup_vs_adam": geomean([e.get("wallclock_speedup_vs_adam", 0.0) for e in entries]),
             "ms_per_step": sum(e["ms_per_step"] for e in entries) / n,
             "diverged": sum(e["diverged"] for e in entries),
             "failed": sum(e["failed"] for e in entries),
@@ -403,7 +425,9 @@ def _wallclock(steps: int, reach: int | None, adam_ms: float, ms: float) -> floa
     return steps * adam_ms / (reach * ms)
 
 
-def _geomean(values: list[float]) -> float:
+def geomean(values: list[float]) -> float:
+    """Geometric mean of speedups: 0 when one is 0 (or negative: a task never reached the target), ``nan`` for
+    no values."""
     if not values or any(v <= 0 for v in values):
         return 0.0 if any(v <= 0 for v in values) else float("nan")
     return math.exp(sum(math.log(v) for v in values) / len(values))
