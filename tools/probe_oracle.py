@@ -50,7 +50,7 @@ from torch import Tensor
 from mpbackprop import _json
 from mpbackprop import evaluation as ev
 from mpbackprop._io import atomic_write
-from mpbackprop.evaluation.protocol import (REPORT_SEED_BASE, TUNING_SEED_BASE, ci95, geomean, log_score, speedup)
+from mpbackprop.evaluation.protocol import REPORT_SEED_BASE, TUNING_SEED_BASE, ci95, geomean, log_score, speedup
 from mpbackprop.metatrain.inner import get_task
 from mpbackprop.rules import Exact, ScheduledUpdate
 from mpbackprop.rules.base import UpdateContext, UpdateHistory, UpdateRule
@@ -283,11 +283,11 @@ def pool(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, An
 def run_task(spec: Any, steps: int, directions: list[Direction], source: Rules, args: argparse.Namespace,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """One task: tuned Adam on the report seeds, then each direction at its best peak on the grid."""
-    adam = ev.tune_lr(spec, "adam", steps, args.tuning_seeds, None, Path(args.out) / "tuning")
-    adam_losses = [ev.run_method(spec, "adam", steps, REPORT_SEED_BASE + s, None, adam["lr"]).loss[-1]
-                   for s in range(args.seeds)]
+    (adam,) = ev.evaluate([(spec, steps)], None, seeds=args.seeds, methods=("adam",), tuning_seeds=args.tuning_seeds,
+                          cache=Path(args.out) / "tuning")
+    adam_losses = [c.loss[-1] for c in adam.curves["adam"]]
     target = sum(adam_losses) / len(adam_losses)
-    row: dict[str, Any] = {"task": spec.name, "steps": steps, "adam_lr": adam["lr"], "adam_losses": adam_losses,
+    row: dict[str, Any] = {"task": spec.name, "steps": steps, "adam_lr": adam.lrs["adam"], "adam_losses": adam_losses,
                            "adam": target, "directions": {}}
     for direction in directions:
         def make(peak: float, direction: Direction = direction) -> Rules:
@@ -299,7 +299,7 @@ def run_task(spec: Any, steps: int, directions: list[Direction], source: Rules, 
         entry = {"peak": 10.0**best, "exponent": best, "grid": grid, **compare(curves, adam_losses, steps)}
         row["directions"][direction.text] = entry
         d = entry["diff"]
-        say(f"{spec.name} {steps} {direction.text} peak {entry['peak']:.3g} adam {adam['lr']:.3g} "
+        say(f"{spec.name} {steps} {direction.text} peak {entry['peak']:.3g} adam {adam.lrs['adam']:.3g} "
             f"loss {entry['loss']:.4f} adam {target:.4f} d {d['mean']:+.4f} [{d['ci'][0]:+.4f},{d['ci'][1]:+.4f}] "
             f"speedup {entry['speedup']:.2f}")
     return row

@@ -70,8 +70,6 @@ SUITE_METHODS: dict[str, tuple[str, ...]] = {"long": ("learned", "sgd", "momentu
 #: ``REPORT_SEED_BASE + s`` report seed ``s`` (reported numbers come from these): the two never meet.
 TUNING_SEED_BASE = 5_000_000
 REPORT_SEED_BASE = 7_000_000
-_TUNING_SEED_BASE = TUNING_SEED_BASE  # the names one-off scripts under results/ use
-_REPORT_SEED_BASE = REPORT_SEED_BASE
 #: The score of a final loss that is not finite or not positive (a diverged run), in :func:`log_score`.
 DIVERGED_SCORE = 50.0
 #: A validation loss above this (or not finite) means the run diverged.
@@ -281,9 +279,6 @@ def steps_to_reach(curve: list[float], target: float) -> int | None:
         if v <= target:
             return k + 1
     return None
-
-
-_steps_to_reach = steps_to_reach  # the name one-off scripts under results/ use
 
 
 def speedup(curves: list[RunCurve], target: float, steps: int) -> tuple[int | None, float]:

@@ -41,22 +41,22 @@ if __name__ == "__main__":
     def score(spec, steps, rule):
         vals = []
         for s in range(2):
-            l = P.run_method(spec, "learned", steps, P._TUNING_SEED_BASE + s, rule).loss[-1]
+            l = P.run_method(spec, "learned", steps, P.TUNING_SEED_BASE + s, rule).loss[-1]
             vals.append(math.log(l) if math.isfinite(l) and l > 0 else 50.0)
         return sum(vals) / 2
     res = {"tasks": []}
     for spec, steps in ev.suite_tasks(suite, "digits-mlp", ntasks, 100, split="valid"):
         adam = P.tune_lr(spec, "adam", steps, 2, None, out / "tuning")
-        af = [P.run_method(spec, "adam", steps, P._REPORT_SEED_BASE + s, None, adam["lr"]).loss[-1] for s in range(nseeds)]
+        af = [P.run_method(spec, "adam", steps, P.REPORT_SEED_BASE + s, None, adam["lr"]).loss[-1] for s in range(nseeds)]
         target = sum(af) / len(af)
         row = {"task": spec.name, "adam": target, "variants": {}}
         for st in settings:
             grid = {e: score(spec, steps, build(spec, 10**e, steps, *st)) for e in [x / 4 for x in range(-12, -1)]}
             best = min(grid, key=grid.get)
-            cs = [P.run_method(spec, "learned", steps, P._REPORT_SEED_BASE + s, build(spec, 10**best, steps, *st)) for s in range(nseeds)]
+            cs = [P.run_method(spec, "learned", steps, P.REPORT_SEED_BASE + s, build(spec, 10**best, steps, *st)) for s in range(nseeds)]
             fin = [c.loss[-1] for c in cs]
             mc = [sum(c.loss[k] for c in cs) / len(cs) for k in range(steps)]
-            reach = P._steps_to_reach(mc, target); sp = steps / reach if reach else 0.0
+            reach = P.steps_to_reach(mc, target); sp = steps / reach if reach else 0.0
             d = [a - b for a, b in zip(fin, af)]
             row["variants"][str(st)] = {"peak": 10**best, "diffs": d, "speedup": sp, "grid": grid}
             print(spec.name, st, f"peak {10**best:.3g} d {P.ci95(d)[0]:+.4f} speedup {sp:.2f}", flush=True)

@@ -8,15 +8,15 @@ out = Path("/tmp/oracle"); paths = sys.argv[1].split(","); suite = sys.argv[2] i
 pooled = {}
 for spec, steps in ev.suite_tasks(suite, "digits-mlp", 3, 100, split="valid"):
     adam = P.tune_lr(spec, "adam", steps, 2, None, out / "tuning")
-    af = [P.run_method(spec, "adam", steps, P._REPORT_SEED_BASE + s, None, adam["lr"]).loss[-1] for s in range(10)]
+    af = [P.run_method(spec, "adam", steps, P.REPORT_SEED_BASE + s, None, adam["lr"]).loss[-1] for s in range(10)]
     target = sum(af) / 10
     for path in paths:
         rule = ev.resolve_rule(path)[:2]
         lr = P.tune_lr(spec, "learned_backward_adam", steps, 2, rule, None)["lr"]
-        cs = [P.run_method(spec, "learned_backward_adam", steps, P._REPORT_SEED_BASE + s, rule, lr) for s in range(10)]
+        cs = [P.run_method(spec, "learned_backward_adam", steps, P.REPORT_SEED_BASE + s, rule, lr) for s in range(10)]
         fin = [c.loss[-1] for c in cs]
         mc = [sum(c.loss[k] for c in cs) / 10 for k in range(steps)]
-        reach = P._steps_to_reach(mc, target); sp = steps / reach if reach else 0.0
+        reach = P.steps_to_reach(mc, target); sp = steps / reach if reach else 0.0
         d = [a - b for a, b in zip(fin, af)]
         pooled.setdefault(path, ([], []))[0].extend(d); pooled[path][1].append(sp)
         print(spec.name, path, f"lr {lr:.3g} (adam {adam['lr']:.3g}) d {P.ci95(d)[0]:+.4f} speedup {sp:.2f}", flush=True)

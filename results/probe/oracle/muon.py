@@ -68,14 +68,14 @@ if __name__ == "__main__":
     def score(spec, steps, rule):
         vals = []
         for s in range(2):
-            l = P.run_method(spec, "learned", steps, P._TUNING_SEED_BASE + s, rule).loss[-1]
+            l = P.run_method(spec, "learned", steps, P.TUNING_SEED_BASE + s, rule).loss[-1]
             vals.append(math.log(l) if math.isfinite(l) and l > 0 else 50.0)
         return sum(vals) / 2
     tasks = ev.suite_tasks(suite, family, ntasks, 100, split="valid")
     res = {"suite": suite, "tasks": []}
     for spec, steps in tasks:
         adam = P.tune_lr(spec, "adam", steps, 2, None, out / "tuning")
-        adam_c = [P.run_method(spec, "adam", steps, P._REPORT_SEED_BASE + s, None, adam["lr"]) for s in range(nseeds)]
+        adam_c = [P.run_method(spec, "adam", steps, P.REPORT_SEED_BASE + s, None, adam["lr"]) for s in range(nseeds)]
         af = [c.loss[-1] for c in adam_c]; target = sum(af) / len(af)
         row = {"task": spec.name, "steps": steps, "adam_lr": adam["lr"], "adam": target, "variants": {}}
         for name in names:
@@ -83,10 +83,10 @@ if __name__ == "__main__":
             for e in [x / 4 for x in range(grid_lo, grid_hi)]:
                 grid[e] = score(spec, steps, build(name, 10**e))
             best = min(grid, key=grid.get)
-            cs = [P.run_method(spec, "learned", steps, P._REPORT_SEED_BASE + s, build(name, 10**best)) for s in range(nseeds)]
+            cs = [P.run_method(spec, "learned", steps, P.REPORT_SEED_BASE + s, build(name, 10**best)) for s in range(nseeds)]
             fin = [c.loss[-1] for c in cs]
             mc = [sum(c.loss[k] for c in cs) / len(cs) for k in range(steps)]
-            reach = P._steps_to_reach(mc, target)
+            reach = P.steps_to_reach(mc, target)
             d = [a - b for a, b in zip(fin, af)]
             dm, dlo, dhi = P.ci95(d)
             sp = steps / reach if reach else 0.0

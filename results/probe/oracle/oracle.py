@@ -33,7 +33,7 @@ def curve(spec, steps, seed, rule):
 def score(spec, steps, rule):
     vals = []
     for s in range(2):
-        c = curve(spec, steps, P._TUNING_SEED_BASE + s, rule)
+        c = curve(spec, steps, P.TUNING_SEED_BASE + s, rule)
         l = c.loss[-1]; vals.append(math.log(l) if math.isfinite(l) and l > 0 else 50.0)
     return sum(vals) / len(vals)
 
@@ -41,7 +41,7 @@ tasks = ev.suite_tasks(suite, "digits-mlp", ntasks, 100, split="valid")
 res = {"suite": suite, "tasks": []}
 for spec, steps in tasks:
     adam = P.tune_lr(spec, "adam", steps, 2, None, out / "tuning")
-    adam_c = [P.run_method(spec, "adam", steps, P._REPORT_SEED_BASE + s, None, adam["lr"]) for s in range(nseeds)]
+    adam_c = [P.run_method(spec, "adam", steps, P.REPORT_SEED_BASE + s, None, adam["lr"]) for s in range(nseeds)]
     af = [c.loss[-1] for c in adam_c]; target = sum(af) / len(af)
     row = {"task": spec.name, "adam_lr": adam["lr"], "adam": target, "variants": {}}
     for name in names:
@@ -50,10 +50,10 @@ for spec, steps in tasks:
             grid[e] = score(spec, steps, build(name, 10**e, steps))
         best = min(grid, key=grid.get)
         rule = build(name, 10**best, steps)
-        cs = [curve(spec, steps, P._REPORT_SEED_BASE + s, rule) for s in range(nseeds)]
+        cs = [curve(spec, steps, P.REPORT_SEED_BASE + s, rule) for s in range(nseeds)]
         fin = [c.loss[-1] for c in cs]
         mc = [sum(c.loss[k] for c in cs) / len(cs) for k in range(steps)]
-        reach = P._steps_to_reach(mc, target)
+        reach = P.steps_to_reach(mc, target)
         d = [a - b for a, b in zip(fin, af)]
         dm, dlo, dhi = P.ci95(d)
         row["variants"][name] = {"peak": 10**best, "grid": {f"{10**k:.3g}": v for k, v in grid.items()},
